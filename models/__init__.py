@@ -1,0 +1,24 @@
+"""Kestrel models: Flax NNX definitions of every efficient LM family, one layer stack.
+
+Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build``,
+``generate``, and ``models.hf`` for Hugging Face checkpoints.
+"""
+
+from models.configs import ModelConfig, RopeScaling, get_config, list_configs
+from models.lm import LM, build, count_params, register_channel, register_mixer
+from models.state import DecodeState, KVCache, Segment
+
+__all__ = [
+    "LM",
+    "DecodeState",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "Segment",
+    "build",
+    "count_params",
+    "get_config",
+    "list_configs",
+    "register_channel",
+    "register_mixer",
+]

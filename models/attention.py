@@ -1,0 +1,59 @@
+"""Attention mixer: MHA, GQA and MQA with RoPE, optional qkv bias and sliding window.
+
+Calls ``kernels.attention`` for all attention math: ``attention`` over a fresh chunk (full
+forward, prefill), ``decode_attention`` for one-token steps against the KV cache, and
+``cached_attention`` for multi-token chunks appended to a non-empty cache.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import attention as attn_ops
+from models.configs import ModelConfig
+from models.layers import Einsum, apply_rope, rope_frequencies
+from models.state import KVCache, Segment
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        common = dict(std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)
+        bias = 2 if cfg.qkv_bias else 0
+        self.q = Einsum("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
+                        bias_dims=bias, **common)
+        self.k = Einsum("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                        bias_dims=bias, **common)
+        self.v = Einsum("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                        bias_dims=bias, **common)
+        self.o = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"),
+                        bias_dims=1 if cfg.out_bias else 0, **common)
+        self.window = cfg.window(layer)
+        self.impl = cfg.attention_impl
+        self.num_kv_heads, self.head_dim, self.cache_dtype = K, H, dt
+        self.rope = (H, cfg.rope_theta, cfg.rope_scaling)
+
+    def init_state(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, self.cache_dtype)
+
+    def __call__(self, x_BTD, segment: Segment, cache: KVCache | None = None):
+        positions_BT, inv_freq = segment.positions_BT, rope_frequencies(*self.rope)
+        q_BTNH = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
+        k_BTKH = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
+        v_BTKH = self.v(x_BTD)
+        opts = dict(sliding_window=self.window, impl=self.impl)
+        if cache is not None:
+            cache = cache.write(k_BTKH, v_BTKH, segment)
+        if segment.fresh:
+            out_BTNH = attn_ops.attention(q_BTNH, k_BTKH, v_BTKH, lengths=segment.lengths_B,
+                                          **opts)
+        elif segment.num_tokens == 1:
+            out_BNH = attn_ops.decode_attention(q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH,
+                                                segment.lengths_B, **opts)
+            out_BTNH = out_BNH[:, None]
+        else:
+            out_BTNH = attn_ops.cached_attention(q_BTNH, cache.k_BSKH, cache.v_BSKH,
+                                                 segment.starts_B, segment.lengths_B, **opts)
+        return self.o(out_BTNH), cache

@@ -1,0 +1,375 @@
+"""Model hyperparameters: one frozen dataclass for every family, and the named presets.
+
+Families are configurations of one layer stack (``models.lm``): a block is a *mixer* (token
+mixing: attention today; recurrent and linear-attention mixers register beside it) followed by
+a *channel* block (an MLP today), chosen per layer by ``mixer_pattern`` / ``channel_pattern``.
+
+Presets are named constructors with the published shapes and their source; ``get_config``
+looks them up and applies overrides, ``list_configs`` lists them. Parameter counts of the real
+presets are asserted exactly in ``tests/models/test_configs.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+MLP_KINDS = ("swiglu", "geglu", "gelu")
+NORM_KINDS = ("rms", "layer")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (Llama 3 report, arXiv:2407.21783 §3.3).
+
+    Wavelengths longer than ``original_max_len / low_freq_factor`` are divided by ``factor``,
+    shorter than ``original_max_len / high_freq_factor`` are kept, and the band in between is
+    interpolated linearly in ``original_max_len / wavelength``.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a decoder language model. Hashable: usable as a jit static arg.
+
+    Attributes:
+      name: preset name (informational).
+      vocab_size, d_model, num_layers, num_heads, num_kv_heads, ffn_dim: the usual shapes;
+        ``num_heads % num_kv_heads == 0`` (MHA when equal, MQA when ``num_kv_heads == 1``).
+      head_dim: per-head size; ``None`` means ``d_model // num_heads``.
+      mlp: ``"swiglu"``, ``"geglu"`` (gated, three matrices) or ``"gelu"`` (two matrices).
+      parallel_block: PaLM-style ``x + attn(norm(x)) + mlp(norm(x))`` with one norm per layer.
+      norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm, scale only: PaLM has no biases).
+      sliding_window: attention window ``w`` (a query at ``p`` sees keys in ``(p - w, p]``).
+      sliding_window_layers: the layers that use the window; ``None`` means every layer.
+      mixer_pattern / channel_pattern: names from the mixer / channel registries of
+        ``models.lm``, repeated cyclically over the layers.
+      param_dtype / dtype: storage dtype of the weights and compute dtype of activations.
+      attention_impl: the ``impl`` passed to ``kernels.attention``.
+      hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
+      source: where the published shape comes from.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 256
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    ffn_dim: int = 256
+    mlp: str = "swiglu"
+    mlp_bias: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    parallel_block: bool = False
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
+    mixer_pattern: tuple[str, ...] = ("attention",)
+    channel_pattern: tuple[str, ...] = ("mlp",)
+    max_seq_len: int = 2048
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    attention_impl: str = "auto"
+    init_std: float = 0.02
+    hf_architecture: str | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads="
+                f"{self.num_kv_heads}: every kv head must serve the same number of query heads"
+            )
+        _check_choice("mlp", self.mlp, MLP_KINDS)
+        _check_choice("norm", self.norm, NORM_KINDS)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_window_layers is not None:
+            bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"sliding_window_layers {bad} outside 0..{self.num_layers - 1}")
+        if not self.mixer_pattern or not self.channel_pattern:
+            raise ValueError("mixer_pattern and channel_pattern must be non-empty")
+
+    def mixer(self, layer: int) -> str:
+        """Name of the mixer of ``layer``."""
+        return self.mixer_pattern[layer % len(self.mixer_pattern)]
+
+    def channel(self, layer: int) -> str:
+        """Name of the channel block of ``layer``."""
+        return self.channel_pattern[layer % len(self.channel_pattern)]
+
+    def window(self, layer: int) -> int | None:
+        """Sliding window of ``layer``'s attention, or ``None`` for global attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
+
+    def replace(self, **overrides) -> ModelConfig:
+        """A copy with fields replaced; unknown fields are an error listing the valid ones."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}")
+        if "head_dim" not in overrides and ({"d_model", "num_heads"} & set(overrides)):
+            overrides["head_dim"] = None  # re-derive unless given
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        for key in ("sliding_window_layers", "mixer_pattern", "channel_pattern"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {field} {value!r}; valid: {list(valid)}")
+
+
+# --- presets -------------------------------------------------------------------------------
+
+_PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def _preset(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+    _PRESETS[fn().name] = fn
+    return fn
+
+
+def _llama2(name, d, layers, heads, kv_heads, ffn, source) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vocab_size=32000,
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        ffn_dim=ffn,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+        hf_architecture="LlamaForCausalLM",
+        source=source,
+    )
+
+
+@_preset
+def dense_tiny() -> ModelConfig:
+    """Tiny GQA Llama-style model for tests (byte vocabulary, 2 layers)."""
+    return ModelConfig(
+        name="dense-tiny",
+        vocab_size=264,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_dim=192,
+        max_seq_len=512,
+        hf_architecture="LlamaForCausalLM",
+        source="Kestrel test shape",
+    )
+
+
+@_preset
+def dense_small() -> ModelConfig:
+    """~6M-parameter byte-level model that `make demo` trains on a 2-core CPU in minutes."""
+    return ModelConfig(
+        name="dense-small",
+        vocab_size=264,
+        d_model=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        ffn_dim=768,
+        tie_embeddings=True,
+        max_seq_len=1024,
+        hf_architecture="LlamaForCausalLM",
+        source="Kestrel demo shape",
+    )
+
+
+@_preset
+def dense_110m() -> ModelConfig:
+    """GPT-2-small-sized Llama (12 x 768, 32k vocabulary, tied): the ~100M benchmark shape."""
+    return ModelConfig(
+        name="dense-110m",
+        vocab_size=32000,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        ffn_dim=2048,
+        tie_embeddings=True,
+        max_seq_len=2048,
+        hf_architecture="LlamaForCausalLM",
+        source="GPT-2 small widths (Radford et al. 2019) in the Llama block",
+    )
+
+
+@_preset
+def tinyllama_1_1b() -> ModelConfig:
+    return ModelConfig(
+        name="tinyllama-1.1b",
+        vocab_size=32000,
+        d_model=2048,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        ffn_dim=5632,
+        max_seq_len=2048,
+        hf_architecture="LlamaForCausalLM",
+        source="TinyLlama, arXiv:2401.02385 Table 1 (1,100,048,384 parameters)",
+    )
+
+
+@_preset
+def llama_2_7b() -> ModelConfig:
+    return _llama2("llama-2-7b", 4096, 32, 32, 32, 11008, "Table 1 of arXiv:2307.09288")
+
+
+@_preset
+def llama_2_13b() -> ModelConfig:
+    return _llama2("llama-2-13b", 5120, 40, 40, 40, 13824, "Table 1 of arXiv:2307.09288")
+
+
+@_preset
+def llama_2_70b() -> ModelConfig:
+    return _llama2("llama-2-70b", 8192, 80, 64, 8, 28672, "Table 1 of arXiv:2307.09288 (GQA)")
+
+
+def _llama3(name, d, layers, heads, ffn, scaling, source) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vocab_size=128256,
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=8,
+        ffn_dim=ffn,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=scaling,
+        max_seq_len=131072 if scaling else 8192,
+        hf_architecture="LlamaForCausalLM",
+        source=source,
+    )
+
+
+@_preset
+def llama_3_8b() -> ModelConfig:
+    return _llama3("llama-3-8b", 4096, 32, 32, 14336, None, "Table 3 of arXiv:2407.21783")
+
+
+@_preset
+def llama_3_70b() -> ModelConfig:
+    return _llama3("llama-3-70b", 8192, 80, 64, 28672, None, "Table 3 of arXiv:2407.21783")
+
+
+@_preset
+def llama_3_1_8b() -> ModelConfig:
+    return _llama3(
+        "llama-3.1-8b", 4096, 32, 32, 14336, RopeScaling(), "Table 3 and §3.3 of arXiv:2407.21783"
+    )
+
+
+@_preset
+def mistral_7b() -> ModelConfig:
+    return ModelConfig(
+        name="mistral-7b",
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=14336,
+        sliding_window=4096,
+        max_seq_len=32768,
+        hf_architecture="MistralForCausalLM",
+        source="Table 1 of arXiv:2310.06825 (v0.1: window 4096, theta 1e4)",
+    )
+
+
+def _palm(name, d, layers, heads, source) -> ModelConfig:
+    # PaLM (arXiv:2204.02311 §2): SwiGLU with ffn = 4 d, parallel blocks, multi-query attention
+    # with head size 256, RoPE, shared input/output embeddings, no biases, 256k SentencePiece.
+    return ModelConfig(
+        name=name,
+        vocab_size=256000,
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=1,
+        head_dim=256,
+        ffn_dim=4 * d,
+        parallel_block=True,
+        norm="layer",
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        max_seq_len=2048,
+        source=source,
+    )
+
+
+@_preset
+def palm_8b() -> ModelConfig:
+    return _palm("palm-8b", 4096, 32, 16, "Table 1 of arXiv:2204.02311 (8.63B)")
+
+
+@_preset
+def palm_62b() -> ModelConfig:
+    return _palm("palm-62b", 8192, 64, 32, "Table 1 of arXiv:2204.02311 (62.50B)")
+
+
+@_preset
+def palm_540b() -> ModelConfig:
+    return _palm("palm-540b", 18432, 118, 48, "Table 1 of arXiv:2204.02311 (540.35B)")
+
+
+def list_configs() -> list[str]:
+    """Names of every preset, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with ``overrides`` applied.
+
+    Raises:
+      ValueError: unknown preset (the message lists the valid names) or unknown field.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(list_configs())}")
+    cfg = _PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

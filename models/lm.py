@@ -1,0 +1,158 @@
+"""The decoder language model: one layer stack for every family.
+
+A block is ``norm -> mixer -> residual -> norm -> channel -> residual`` (or PaLM's parallel
+form ``x + mixer(norm(x)) + channel(norm(x))``). Mixers and channel blocks are looked up by
+name in ``MIXERS`` / ``CHANNELS``; a new family registers its blocks with ``register_mixer`` /
+``register_channel`` and names them in ``ModelConfig.mixer_pattern`` / ``channel_pattern``.
+
+Mixer contract (see ``models.state``): ``cls(cfg, layer, *, rngs)``; ``init_state(batch,
+max_len)`` returns the layer's decode state; ``__call__(x_BTD, segment, state)`` returns
+``(y_BTD, new_state)`` with ``state=None`` for a stateless forward. Channel contract:
+``cls(cfg, layer, *, rngs)`` and ``__call__(x_BTD) -> y_BTD``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import Attention
+from models.configs import ModelConfig
+from models.layers import Einsum, Embed, make_norm
+from models.mlp import MLP
+from models.state import DecodeState, Segment
+
+MIXERS: dict[str, type] = {"attention": Attention}
+CHANNELS: dict[str, type | None] = {"mlp": MLP, "none": None}
+
+
+def register_mixer(name: str, cls: type) -> None:
+    """Make ``cls`` available as ``ModelConfig.mixer_pattern`` entry ``name``."""
+    MIXERS[name] = cls
+
+
+def register_channel(name: str, cls: type | None) -> None:
+    """Make ``cls`` available as ``ModelConfig.channel_pattern`` entry ``name``."""
+    CHANNELS[name] = cls
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; registered: {sorted(table)}")
+    return table[name]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.parallel = cfg.parallel_block
+        self.mixer_norm = make_norm(cfg.norm, cfg.d_model, **norm)
+        self.mixer = _lookup(MIXERS, cfg.mixer(layer), "mixer")(cfg, layer, rngs=rngs)
+        channel_cls = _lookup(CHANNELS, cfg.channel(layer), "channel block")
+        self.channel = None if channel_cls is None else channel_cls(cfg, layer, rngs=rngs)
+        separate_norm = channel_cls is not None and not self.parallel
+        self.channel_norm = make_norm(cfg.norm, cfg.d_model, **norm) if separate_norm else None
+
+    def init_state(self, batch: int, max_len: int):
+        return self.mixer.init_state(batch, max_len)
+
+    def __call__(self, x_BTD, segment: Segment, state=None):
+        h_BTD = self.mixer_norm(x_BTD)
+        y_BTD, state = self.mixer(h_BTD, segment, state)
+        if self.channel is None:
+            return x_BTD + y_BTD, state
+        if self.parallel:
+            return x_BTD + y_BTD + self.channel(h_BTD), state
+        x_BTD = x_BTD + y_BTD
+        return x_BTD + self.channel(self.channel_norm(x_BTD)), state
+
+
+class LM(nnx.Module):
+    """Decoder-only language model.
+
+    ``model(tokens_BT)`` is the stateless causal forward (positions ``0..T-1``) returning
+    float32 logits ``[B, T, V]``. ``init_state`` / ``step`` run it incrementally.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt,
+                           dtype=dt, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt,
+                                    rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else Einsum(
+            "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+            std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, tokens_BT):
+        logits_BTV, _ = self.step(tokens_BT, None)
+        return logits_BTV
+
+    def init_state(self, batch: int, max_len: int) -> DecodeState:
+        """An empty decode state for ``batch`` sequences of up to ``max_len`` tokens."""
+        return DecodeState(
+            lengths_B=jnp.zeros((batch,), jnp.int32),
+            layers=tuple(block.init_state(batch, max_len) for block in self.blocks),
+        )
+
+    def step(self, tokens_BT, state: DecodeState | None, *, num_new_B=None, fresh=False,
+             last_only=False):
+        """Append ``tokens_BT`` to ``state`` and return their logits and the new state.
+
+        Args:
+          tokens_BT: int32 tokens; row ``b`` holds ``num_new_B[b]`` real tokens, then padding.
+          state: from ``init_state`` (or a previous step); ``None`` for a stateless forward.
+          num_new_B: real tokens per row, default ``T``.
+          fresh: static promise that ``state`` is empty (prefill); lets attention skip the
+            cache read.
+          last_only: return logits only at each row's last real token, ``[B, 1, V]``.
+
+        Returns:
+          ``(logits, state)``: float32 logits ``[B, T, V]`` (or ``[B, 1, V]``) and the state.
+        """
+        B, T = tokens_BT.shape
+        if num_new_B is None:
+            num_new_B = jnp.full((B,), T, jnp.int32)
+        if state is None:
+            segment = Segment(jnp.zeros((B,), jnp.int32), num_new_B.astype(jnp.int32), T, True)
+        else:
+            starts_B = state.lengths_B
+            segment = Segment(starts_B, starts_B + num_new_B, T, fresh)
+        x_BTD = self.embed(tokens_BT)
+        layer_states = []
+        for i, block in enumerate(self.blocks):
+            x_BTD, layer_state = block(x_BTD, segment, None if state is None else state.layers[i])
+            layer_states.append(layer_state)
+        if last_only:
+            last_B = jnp.maximum(num_new_B - 1, 0)
+            x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+        logits_BTV = self.logits(self.final_norm(x_BTD))
+        if state is not None:
+            state = state.replace(lengths_B=segment.lengths_B, layers=tuple(layer_states))
+        return logits_BTV, state
+
+    def logits(self, x_BTD):
+        """Output head (tied or not), float32."""
+        if self.lm_head is None:
+            return self.embed.attend(x_BTD)
+        return self.lm_head(x_BTD)
+
+
+def build(config: ModelConfig, *, seed: int = 0) -> LM:
+    """A randomly initialised language model for ``config``."""
+    return LM(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: ModelConfig) -> LM:
+    """The model with shape-only parameters (no memory), e.g. to count parameters."""
+    return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model_or_config) -> int:
+    """Number of parameters of a model (or of the model a config describes)."""
+    model = abstract(model_or_config) if isinstance(model_or_config, ModelConfig) else (
+        model_or_config)
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
