@@ -5,18 +5,21 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 """
 
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
+from models.generate import GenerateResult, generate
 from models.lm import LM, build, count_params, register_channel, register_mixer
 from models.state import DecodeState, KVCache, Segment
 
 __all__ = [
     "LM",
     "DecodeState",
+    "GenerateResult",
     "KVCache",
     "ModelConfig",
     "RopeScaling",
     "Segment",
     "build",
     "count_params",
+    "generate",
     "get_config",
     "list_configs",
     "register_channel",

@@ -22,14 +22,22 @@ class Attention(nnx.Module):
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         common = dict(std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs)
         bias = 2 if cfg.qkv_bias else 0
-        self.q = Einsum("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
-                        bias_dims=bias, **common)
-        self.k = Einsum("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                        bias_dims=bias, **common)
-        self.v = Einsum("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                        bias_dims=bias, **common)
-        self.o = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"),
-                        bias_dims=1 if cfg.out_bias else 0, **common)
+        self.q = Einsum(
+            "BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"), bias_dims=bias, **common
+        )
+        self.k = Einsum(
+            "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), bias_dims=bias, **common
+        )
+        self.v = Einsum(
+            "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), bias_dims=bias, **common
+        )
+        self.o = Einsum(
+            "BTNH,NHD->BTD",
+            (N, H, D),
+            ("heads", "head_dim", "embed"),
+            bias_dims=1 if cfg.out_bias else 0,
+            **common,
+        )
         self.window = cfg.window(layer)
         self.impl = cfg.attention_impl
         self.num_kv_heads, self.head_dim, self.cache_dtype = K, H, dt
@@ -47,13 +55,14 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)
         if segment.fresh:
-            out_BTNH = attn_ops.attention(q_BTNH, k_BTKH, v_BTKH, lengths=segment.lengths_B,
-                                          **opts)
+            out_BTNH = attn_ops.attention(q_BTNH, k_BTKH, v_BTKH, lengths=segment.lengths_B, **opts)
         elif segment.num_tokens == 1:
-            out_BNH = attn_ops.decode_attention(q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH,
-                                                segment.lengths_B, **opts)
+            out_BNH = attn_ops.decode_attention(
+                q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH, segment.lengths_B, **opts
+            )
             out_BTNH = out_BNH[:, None]
         else:
-            out_BTNH = attn_ops.cached_attention(q_BTNH, cache.k_BSKH, cache.v_BSKH,
-                                                 segment.starts_B, segment.lengths_B, **opts)
+            out_BTNH = attn_ops.cached_attention(
+                q_BTNH, cache.k_BSKH, cache.v_BSKH, segment.starts_B, segment.lengths_B, **opts
+            )
         return self.o(out_BTNH), cache

@@ -20,6 +20,7 @@ from flax import nnx
 from models.attention import Attention
 from models.configs import ModelConfig
 from models.layers import Einsum, Embed, make_norm
+from models.layers.linear import shapes_only
 from models.mlp import MLP
 from models.state import DecodeState, Segment
 
@@ -78,14 +79,27 @@ class LM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt,
-                           dtype=dt, rngs=rngs)
+        self.embed = Embed(
+            cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs
+        )
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt,
-                                    rngs=rngs)
-        self.lm_head = None if cfg.tie_embeddings else Einsum(
-            "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-            std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
+        self.final_norm = make_norm(
+            cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Einsum(
+                "BTD,DV->BTV",
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                std=cfg.init_std,
+                param_dtype=pdt,
+                dtype=dt,
+                out_dtype=jnp.float32,
+                rngs=rngs,
+            )
+        )
 
     def __call__(self, tokens_BT):
         logits_BTV, _ = self.step(tokens_BT, None)
@@ -98,8 +112,9 @@ class LM(nnx.Module):
             layers=tuple(block.init_state(batch, max_len) for block in self.blocks),
         )
 
-    def step(self, tokens_BT, state: DecodeState | None, *, num_new_B=None, fresh=False,
-             last_only=False):
+    def step(
+        self, tokens_BT, state: DecodeState | None, *, num_new_B=None, fresh=False, last_only=False
+    ):
         """Append ``tokens_BT`` to ``state`` and return their logits and the new state.
 
         Args:
@@ -147,12 +162,14 @@ def build(config: ModelConfig, *, seed: int = 0) -> LM:
 
 
 def abstract(config: ModelConfig) -> LM:
-    """The model with shape-only parameters (no memory), e.g. to count parameters."""
-    return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    """The model with ``jax.ShapeDtypeStruct`` parameters (no memory, no tracing)."""
+    with shapes_only():
+        return LM(config, rngs=nnx.Rngs(0))
 
 
 def count_params(model_or_config) -> int:
     """Number of parameters of a model (or of the model a config describes)."""
-    model = abstract(model_or_config) if isinstance(model_or_config, ModelConfig) else (
-        model_or_config)
+    model = (
+        abstract(model_or_config) if isinstance(model_or_config, ModelConfig) else (model_or_config)
+    )
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -20,8 +20,12 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         del layer
         D, F = cfg.d_model, cfg.ffn_dim
-        common = dict(std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
-                      dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        common = dict(
+            std=cfg.init_std,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            dtype=jnp.dtype(cfg.dtype),
+            rngs=rngs,
+        )
         bias = 1 if cfg.mlp_bias else 0
         self.gated = cfg.mlp in ("swiglu", "geglu")
         self.act = _ACTIVATIONS[cfg.mlp]

@@ -78,7 +78,7 @@ class KVCache:
         B, T = k_BTKH.shape[:2]
         b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         pos_BT = segment.positions_BT
-        if segment.fresh and T <= self.k_BSKH.shape[1]:
+        if segment.fresh and self.k_BSKH.shape[1] >= T:
             # Positions 0..T-1 for every row: a contiguous slice write, cheaper than a scatter.
             k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.dtype), 0, 1)
             v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.dtype), 0, 1)

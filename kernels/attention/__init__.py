@@ -110,8 +110,9 @@ def attention(
         lengths = jnp.full((B,), S, jnp.int32)
     _check_lengths(lengths, B, "lengths")
     q_pos_BT = jnp.broadcast_to(S - T + jnp.arange(T, dtype=jnp.int32), (B, T))
-    return _masked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths, causal, sliding_window, softcap,
-                   scale, impl)
+    return _masked(
+        q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths, causal, sliding_window, softcap, scale, impl
+    )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC[1:])
@@ -143,8 +144,18 @@ def decode_attention(
     _check_options(sliding_window, softcap)
     _check_lengths(lengths_B, q_BNH.shape[0], "lengths_B")
     q_pos_BT = (lengths_B - 1)[:, None].astype(jnp.int32)
-    out = _masked(q_BNH[:, None], k_BSKH, v_BSKH, q_pos_BT, lengths_B, True, sliding_window,
-                  softcap, scale, impl)
+    out = _masked(
+        q_BNH[:, None],
+        k_BSKH,
+        v_BSKH,
+        q_pos_BT,
+        lengths_B,
+        True,
+        sliding_window,
+        softcap,
+        scale,
+        impl,
+    )
     return out[:, 0]
 
 
@@ -177,8 +188,9 @@ def cached_attention(
     _check_lengths(starts_B, B, "starts_B")
     _check_lengths(lengths_B, B, "lengths_B")
     q_pos_BT = starts_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
-    return _masked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths_B, True, sliding_window, softcap,
-                   scale, impl)
+    return _masked(
+        q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths_B, True, sliding_window, softcap, scale, impl
+    )
 
 
 def _masked(q, k, v, q_pos_BT, kv_len_B, causal, sliding_window, softcap, scale, impl):

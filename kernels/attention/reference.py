@@ -9,7 +9,6 @@ are grouped as ``[B, T, K, G, H]`` with ``G = N // K``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
@@ -64,4 +63,3 @@ def masked_attention(
         p = p.astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p, v_BSKH, preferred_element_type=jnp.float32)
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
-

@@ -22,9 +22,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
         # Llama 3 (arXiv:2407.21783 §3.3): long wavelengths are slowed by `factor`, short ones
         # kept, and the band between interpolated in original_max_len / wavelength.
         ratio = scaling.original_max_len / wavelen
-        t = (ratio - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
+        t = (ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
         t = np.clip(t, 0.0, 1.0)
         inv_freq = (1.0 - t) * inv_freq / scaling.factor + t * inv_freq
     return jnp.asarray(inv_freq, jnp.float32)

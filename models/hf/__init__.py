@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint import/export (placeholder, filled by the HF work)."""
