@@ -4,6 +4,7 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 ``generate``, and ``models.hf`` for Hugging Face checkpoints.
 """
 
+from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
 from models.generate import GenerateResult, generate
 from models.lm import LM, build, count_params, register_channel, register_mixer
@@ -21,6 +22,7 @@ __all__ = [
     "count_params",
     "generate",
     "get_config",
+    "hf",
     "list_configs",
     "register_channel",
     "register_mixer",

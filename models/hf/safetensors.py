@@ -19,6 +19,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -47,6 +48,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit of the reference implementation
 
 
@@ -82,8 +84,8 @@ class SafetensorsFile(Mapping):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointNotFoundError(f"safetensors file not found: {self.path}")
-        size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise SafetensorsError(
@@ -99,6 +101,8 @@ class SafetensorsFile(Mapping):
             if n > _MAX_HEADER_BYTES:
                 raise SafetensorsError(f"{self.path}: header of {n} bytes exceeds the 100 MB limit")
             raw = f.read(n)
+            # Mapped now, from the file whose header this is (the path may be replaced later).
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -113,7 +117,6 @@ class SafetensorsFile(Mapping):
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         for name, info in header.items():
             self._entries[name] = self._parse_entry(name, info, data_size)
-        self._mmap = None
 
     def _parse_entry(self, name, info, data_size):
         try:
@@ -146,12 +149,6 @@ class SafetensorsFile(Mapping):
             )
         return dtype, shape, begin
 
-    def _buffer(self):
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mmap
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[1]
 
@@ -169,7 +166,10 @@ class SafetensorsFile(Mapping):
         offset = self._data_start + begin
         if count == 0:
             return np.zeros(shape, dtype)
-        return np.frombuffer(self._buffer(), dtype, count, offset).reshape(shape)
+        return np.frombuffer(self._mmap, dtype, count, offset).reshape(shape)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -207,13 +207,22 @@ def save_file(
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for a in arrays.values():
-            if a.dtype.byteorder == ">":
-                a = a.astype(a.dtype.newbyteorder("<"))
-            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    # Write a temporary file, then rename: arrays memory-mapped from ``path`` (e.g. the input
+    # of this very call) keep the old file, where truncating it in place would fault them.
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for a in arrays.values():
+                if a.dtype.byteorder == ">":
+                    a = a.astype(a.dtype.newbyteorder("<"))
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class Checkpoint(Mapping):
@@ -264,6 +273,9 @@ class Checkpoint(Mapping):
             )
         return shard[name]
 
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -295,6 +307,9 @@ def save_checkpoint(
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    for stale in os.listdir(directory):  # a stale index or shard would shadow the new files
+        if stale in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(stale):
+            os.remove(os.path.join(directory, stale))
     names = sorted(tensors)
     total = sum(np.asarray(tensors[n]).nbytes for n in names)
     if max_shard_bytes is None or total <= max_shard_bytes:

@@ -1,0 +1,1 @@
+"""Kestrel partitioning: hardware catalog, meshes, logical-axis rules, cost model and planner."""

@@ -1,0 +1,1 @@
+"""Paper reproductions: one folder per paper with its README, run configs and small deltas."""
