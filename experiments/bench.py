@@ -1,0 +1,82 @@
+"""Benchmark prefill and decode of a preset or a checkpoint; prints one JSON line per record.
+
+Examples::
+
+    python -m experiments.bench --model dense-tiny --batch 1,16
+    python -m experiments.bench --model dense-110m --batch 1,16 --prompt_len 128 \
+        --new_tokens 64 --hf              # also Hugging Face transformers on the same weights
+    python -m experiments.bench --checkpoint runs/demo --batch 1,8
+    python -m experiments.bench --model tinyllama-1.1b --dtype bfloat16 --batch 1,32  # GPU
+
+Each record carries parameter and KV bytes and the achieved fraction of the device's roofline
+(see ``experiments.benchmark``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+import models
+from experiments import benchmark
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "dense-tiny", "Preset name (ignored with --checkpoint).")
+flags.DEFINE_string("checkpoint", None, "A training workdir or checkpoint directory.")
+flags.DEFINE_list("batch", ["1", "16"], "Batch sizes.")
+flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
+flags.DEFINE_integer("new_tokens", 64, "Generated tokens per sequence.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
+flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+
+
+def _load_model():
+    if FLAGS.checkpoint:
+        from experiments import checkpoint
+
+        model, _ = checkpoint.load_model(FLAGS.checkpoint)
+        return model
+    cfg = models.get_config(FLAGS.model, param_dtype=FLAGS.dtype, dtype=FLAGS.dtype)
+    needed = FLAGS.prompt_len + FLAGS.new_tokens
+    if cfg.max_seq_len < needed:
+        raise ValueError(f"{cfg.name} has max_seq_len {cfg.max_seq_len} < {needed}")
+    return models.build(cfg, seed=FLAGS.seed)
+
+
+def main(argv):
+    del argv
+    try:
+        batches = [int(b) for b in FLAGS.batch]
+        model = _load_model()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"bench: {e}")
+    chip = benchmark.device_roofline()
+    for batch in batches:
+        records = benchmark.bench_generate(
+            model,
+            batch=batch,
+            prompt_len=FLAGS.prompt_len,
+            new_tokens=FLAGS.new_tokens,
+            repeats=FLAGS.repeats,
+            chip=chip,
+            seed=FLAGS.seed,
+        )
+        if FLAGS.hf:
+            records += benchmark.bench_hf_generate(
+                model,
+                batch=batch,
+                prompt_len=FLAGS.prompt_len,
+                new_tokens=FLAGS.new_tokens,
+                repeats=FLAGS.repeats,
+                seed=FLAGS.seed,
+            )
+        for record in records:
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
