@@ -43,7 +43,8 @@ def manager(directory, *, keep: int | None = None, create: bool = True) -> ocp.C
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+    # orbax requires absolute paths; resolve relative workdirs against the current directory.
+    return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:

@@ -101,7 +101,7 @@ def run(workdir: str, *, smoke: bool, prompt: str, max_new_tokens: int) -> dict:
             label=model_cfg.name,
         )
     print(
-        f"== efficiency on {chip.name} (peak {chip.peak('float32') / 1e9:.0f} GFLOP/s, "
+        f"== efficiency on {chip.name} (peak {max(chip.peak_flops.values()) / 1e9:,.0f} GFLOP/s, "
         f"{chip.hbm_bandwidth / 1e9:.1f} GB/s)\n{format_table(records)}\n",
         flush=True,
     )
