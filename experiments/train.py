@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 import models
-from experiments import trainer
+from experiments import distributed, trainer
 from experiments.trainer import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -150,11 +150,13 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
+        distributed.initialize_from_env()
         cfg = apply_overrides(load_config(FLAGS.config), FLAGS.set)
     except (ValueError, TypeError) as e:
         sys.exit(f"train: {e}")
     result = trainer.train(cfg, FLAGS.workdir, progress=FLAGS.progress)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    if distributed.is_primary():
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from etils import epath
 from flax import nnx
 
 import models
-from experiments import checkpoint, plots
+from experiments import checkpoint, distributed, plots
 from experiments.data import DataConfig, make_dataset
 from experiments.progress import Progress
 
@@ -263,11 +263,15 @@ def evaluate(
 
 class MetricsLog:
     """``metrics.jsonl``: records up to ``keep_through`` kept from an earlier run, the rest
-    dropped (they belong to steps that will be recomputed), then appended one line at a time."""
+    dropped (they belong to steps that will be recomputed), then appended one line at a time.
+    ``path=None`` keeps the records in memory only (processes other than the primary)."""
 
     def __init__(self, path, *, keep_through: int):
-        self.path = epath.Path(path)
         self.records: list[dict] = []
+        self._file = None
+        if path is None:
+            return
+        self.path = epath.Path(path)
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -281,14 +285,16 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def split(self, name: str) -> list[dict]:
         return [r for r in self.records if r["split"] == name]
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _write_config(workdir: epath.Path, cfg: TrainConfig, mcfg: models.ModelConfig) -> None:
@@ -321,46 +327,50 @@ def train(cfg: TrainConfig, workdir, *, progress: bool = True) -> dict[str, Any]
       ``metrics.jsonl``.
     """
     workdir = epath.Path(workdir)
+    primary = distributed.is_primary()
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = make_dataset(cfg.data)
     mcfg = model_config(cfg, dataset.vocab_size)
-    _write_config(workdir, cfg, mcfg)
+    if primary:
+        _write_config(workdir, cfg, mcfg)
     graphdef, params, rest = nnx.split(models.build(mcfg, seed=cfg.seed), nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     optimizer = tuple(getattr(cfg, name) for name in _OPTIMIZER_FIELDS)
     tx, schedule, train_step, eval_step = _cached_step_fns(graphdef, optimizer)
-    opt_state = tx.init(params)
+    mesh = distributed.data_mesh(cfg.data.batch_size)
+    params, opt_state, rest = distributed.replicate((params, tx.init(params), rest), mesh)
 
     mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINTS, keep=cfg.keep_checkpoints)
     start = mngr.latest_step() or 0
-    bar = Progress(cfg.steps, initial=start, enabled=progress)
+    bar = Progress(cfg.steps, initial=start, enabled=progress and primary)
     try:
         if start > cfg.steps:
             raise ValueError(f"{workdir} has a checkpoint at step {start}, past steps={cfg.steps}")
         if start:
             params, opt_state = checkpoint.restore(mngr, start, params, opt_state)
             bar.write(f"resumed from {workdir / checkpoint.CHECKPOINTS / str(start)}")
-        log = MetricsLog(workdir / METRICS_FILE, keep_through=start)
+        log = MetricsLog(workdir / METRICS_FILE if primary else None, keep_through=start)
         try:
             steps = (train_step, eval_step, schedule)
-            _loop(cfg, dataset, params, opt_state, rest, steps, start, mngr, log, bar)
+            _loop(cfg, dataset, mesh, params, opt_state, rest, steps, start, mngr, log, bar)
         finally:
             log.close()
     finally:
         bar.close()
         mngr.close()
-    plots.plot_loss_curve(
-        log.records, workdir / LOSS_CURVE_FILE, title=f"{mcfg.name} on {cfg.data.kind}"
-    )
+    if primary:
+        plots.plot_loss_curve(
+            log.records, workdir / LOSS_CURVE_FILE, title=f"{mcfg.name} on {cfg.data.kind}"
+        )
     evals = log.split("eval")
     final = {k: v for k, v in evals[-1].items() if k != "split"} if evals else {}
     return {"step": cfg.steps, **final, "history": {"train": log.split("train"), "eval": evals}}
 
 
-def _loop(cfg, dataset, params, opt_state, rest, steps, start, mngr, log, bar) -> None:
+def _loop(cfg, dataset, mesh, params, opt_state, rest, steps, start, mngr, log, bar) -> None:
     """Steps ``start + 1 .. cfg.steps`` with logging, eval and checkpoints."""
     train_step, eval_step, schedule = steps
-    eval_data = dataset.eval_batches(cfg.eval_batches)
+    eval_data = [distributed.shard_batch(b, mesh) for b in dataset.eval_batches(cfg.eval_batches)]
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     pending: list[dict] = []  # device metrics of the steps since the last train record
     window = [start, time.perf_counter()]  # first step and start time of the timing window
@@ -388,7 +398,7 @@ def _loop(cfg, dataset, params, opt_state, rest, steps, start, mngr, log, bar) -
     step, saved = start, start
     try:
         for s in range(start, cfg.steps):
-            batch = dataset.batch(s)
+            batch = distributed.shard_batch(dataset.batch(s), mesh)
             # One assignment: an interrupt lands before or after it, never between the step
             # count and the states.
             step, (params, opt_state, metrics) = s + 1, train_step(params, opt_state, rest, batch)
