@@ -181,6 +181,7 @@ def bench_hf_generate(
     rng = np.random.default_rng(seed)
     ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, prompt_len)))
     opts = dict(
+        attention_mask=torch.ones_like(ids),  # else HF masks prompt tokens equal to the pad id
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,

@@ -12,6 +12,7 @@ threaded through ``model.step``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ from flax import nnx
 from models.sampling import sample
 
 _PAD = -1
-_COMPILED: dict = {}
+_MAX_COMPILED = 32  # shape buckets kept compiled (least recently used dropped)
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
 
 
 @dataclasses.dataclass
@@ -47,7 +49,7 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 def _signature(params) -> tuple:
     leaves, treedef = jax.tree.flatten(params)
-    return treedef, tuple((x.shape, str(x.dtype)) for x in leaves)
+    return treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
 def _validate(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
@@ -195,6 +197,9 @@ def generate(
             prefill_jit.lower(*args).compile(),
             decode_jit.lower(params, state, tok_B, rng, *args[-2:], jnp.asarray(stops)).compile(),
         )
+        if len(_COMPILED) > _MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
     prefill, decode = _COMPILED[key]
     compile_s = time.perf_counter() - t0
 

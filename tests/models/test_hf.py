@@ -471,19 +471,23 @@ def test_save_rejects_what_the_architecture_cannot_express(tmp_path):
 # --- generation ----------------------------------------------------------------------------
 
 
-def test_greedy_generation_matches_transformers(saved):
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_greedy_generation_matches_transformers(saved, name):
     """Ragged batch (5, 11, 17 tokens), 32 greedy tokens, equal to HF ``generate`` per prompt.
 
-    Mistral with window 8: the cached decode must honour the window as HF's does.
+    With Mistral's window 8 the cached decode must honour the window as HF's does.
     """
-    ref_model, path = saved("mistral_window")
+    ref_model, path = saved(name)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (5, 11, 17)]
     out = models.generate(hf.load_pretrained(path), prompts, max_new_tokens=32)
     for prompt, got in zip(prompts, out.tokens, strict=True):
         with torch.no_grad():
+            ids = torch.tensor([prompt])
+            # An explicit mask: HF otherwise masks prompt tokens equal to pad_token_id.
             want = ref_model.generate(
-                torch.tensor([prompt]),
+                ids,
+                attention_mask=torch.ones_like(ids),
                 max_new_tokens=32,
                 do_sample=False,
                 eos_token_id=None,
