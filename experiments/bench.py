@@ -23,15 +23,20 @@ import models
 from experiments import benchmark
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "dense-tiny", "Preset name (ignored with --checkpoint).")
-flags.DEFINE_string("checkpoint", None, "A training workdir or checkpoint directory.")
-flags.DEFINE_list("batch", ["1", "16"], "Batch sizes.")
-flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
-flags.DEFINE_integer("new_tokens", 64, "Generated tokens per sequence.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
-flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
-flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+
+
+def define_flags() -> None:
+    """Declare this entry point's flags (at launch, so importing the module is free of
+    global side effects and entry points can be imported together)."""
+    flags.DEFINE_string("model", "dense-tiny", "Preset name (ignored with --checkpoint).")
+    flags.DEFINE_string("checkpoint", None, "A training workdir or checkpoint directory.")
+    flags.DEFINE_list("batch", ["1", "16"], "Batch sizes.")
+    flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
+    flags.DEFINE_integer("new_tokens", 64, "Generated tokens per sequence.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+    flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+    flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
+    flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
 
 
 def _load_model():
@@ -79,4 +84,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -25,10 +25,16 @@ from experiments.configs import demo as demo_config
 from experiments.tokenizer import ByteTokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/demo", "Output directory (resumed if it has checkpoints).")
-flags.DEFINE_bool("smoke", False, "Tiny variant for tests.")
-flags.DEFINE_string("prompt", "def fibonacci(n):\n", "Prompt to continue.")
-flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
+
+
+def define_flags() -> None:
+    """Declare this entry point's flags (at launch, so importing the module is free of
+    global side effects and entry points can be imported together)."""
+    flags.DEFINE_string("workdir", "runs/demo", "Output directory (resumed if it has checkpoints).")
+    flags.DEFINE_bool("smoke", False, "Tiny variant for tests.")
+    flags.DEFINE_string("prompt", "def fibonacci(n):\n", "Prompt to continue.")
+    flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
+
 
 BATCHES = (1, 8)
 
@@ -143,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -18,14 +18,19 @@ import models
 from experiments.tokenizer import ByteTokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint directory.")
-flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat the flag for a batch.")
-flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
-flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("stats", True, "Print generation statistics as JSON to stderr.")
+
+
+def define_flags() -> None:
+    """Declare this entry point's flags (at launch, so importing the module is free of
+    global side effects and entry points can be imported together)."""
+    flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint directory.")
+    flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat the flag for a batch.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+    flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("stats", True, "Print generation statistics as JSON to stderr.")
 
 
 def run(checkpoint: str, prompts: list[str], **options) -> tuple[list[str], dict]:
@@ -61,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

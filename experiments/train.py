@@ -35,10 +35,16 @@ from experiments import distributed, trainer
 from experiments.trainer import TrainConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Run config file, PATH[:ARG]; ARG goes to get_config.")
-flags.DEFINE_string("workdir", None, "Output directory (resumed if it has checkpoints).")
-flags.DEFINE_multi_string("set", [], "KEY=VALUE override, e.g. data.seq_len=128; repeatable.")
-flags.DEFINE_bool("progress", True, "Live progress bar on a terminal.")
+
+
+def define_flags() -> None:
+    """Declare this entry point's flags (at launch, so importing the module is free of
+    global side effects and entry points can be imported together)."""
+    flags.DEFINE_string("config", None, "Run config file, PATH[:ARG]; ARG goes to get_config.")
+    flags.DEFINE_string("workdir", None, "Output directory (resumed if it has checkpoints).")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE override, e.g. data.seq_len=128; repeatable.")
+    flags.DEFINE_bool("progress", True, "Live progress bar on a terminal.")
+
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -160,4 +166,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
