@@ -7,7 +7,7 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
 from models.generate import GenerateResult, generate
-from models.lm import LM, build, count_params, register_channel, register_mixer
+from models.lm import LM, abstract, build, count_params, register_channel, register_mixer
 from models.state import DecodeState, KVCache, Segment
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "Segment",
+    "abstract",
     "build",
     "count_params",
     "generate",
