@@ -6,10 +6,12 @@ elsewhere set, on each host::
     JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<0 or 1> \
         python -m experiments.train --config ... --workdir <shared directory>
 
-The trainer then runs data-parallel over every device of every process: parameters and
-optimizer state replicated, the global batch split along its batch dimension (all hosts
-compute the same deterministic global batch and each keeps its own shard), gradients averaged
-by the all-reduce XLA inserts. Model-parallel layouts come from ``partitioning``.
+The trainer then runs over a ``("data", "model")`` mesh of every device of every process:
+the global batch is split over ``data`` (all hosts compute the same deterministic global batch
+and each keeps its own shard) and the weights are laid out by the logical-axis rules of
+``partitioning.rules`` (replicated for ``data_parallel``; split over ``model`` for
+``tensor_parallel``). XLA inserts the collectives: gradient all-reduce, tensor-parallel
+all-reduce or all-gather.
 """
 
 from __future__ import annotations
@@ -47,21 +49,26 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def data_mesh(batch_size: int) -> Mesh:
-    """A 1-D ``("data",)`` mesh over as many devices as divide ``batch_size``.
+def train_mesh(batch_size: int, model_parallel: int = 1) -> Mesh:
+    """A ``("data", "model")`` mesh: ``model_parallel`` devices per model replica, and as many
+    replicas as divide ``batch_size``.
 
     With several processes every device must take part, so the batch must divide evenly.
     """
     devices = jax.devices()
     n = len(devices)
-    if batch_size % n:
+    if model_parallel < 1 or n % model_parallel:
+        raise ValueError(f"model_parallel={model_parallel} does not divide the {n} devices")
+    replicas = n // model_parallel
+    if batch_size % replicas:
         if jax.process_count() > 1:
             raise ValueError(
-                f"batch_size {batch_size} is not divisible by the {n} devices of "
-                f"{jax.process_count()} processes"
+                f"batch_size {batch_size} is not divisible by the {replicas} data-parallel "
+                f"replicas of {jax.process_count()} processes"
             )
-        n = max(d for d in range(1, n + 1) if batch_size % d == 0)
-    return Mesh(np.array(devices[:n]), ("data",))
+        replicas = max(d for d in range(1, replicas + 1) if batch_size % d == 0)
+    grid = np.array(devices[: replicas * model_parallel]).reshape(replicas, model_parallel)
+    return Mesh(grid, ("data", "model"))
 
 
 def _put(tree, sharding):
@@ -70,6 +77,15 @@ def _put(tree, sharding):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+def place(tree, specs, mesh: Mesh):
+    """Put each array of ``tree`` on ``mesh`` with the ``PartitionSpec`` at the same place in
+    ``specs`` (hosts pass identical host values; each keeps its own shards)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    spec_leaves = treedef.flatten_up_to(specs)
+    placed = [_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, spec_leaves, strict=True)]
+    return jax.tree.unflatten(treedef, placed)
 
 
 def replicate(tree, mesh: Mesh):

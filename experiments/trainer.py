@@ -39,15 +39,18 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import models
 from experiments import checkpoint, distributed, plots
 from experiments.data import DataConfig, make_dataset
 from experiments.progress import Progress
+from partitioning import rules as partition_rules
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SYNTHETIC_KINDS = ("mqar", "copying")
 METRICS_FILE = "metrics.jsonl"
+SHARDING_REPORT_FILE = "sharding_report.txt"
 # Model fields a resumed run may change: they do not touch the parameters.
 COMPUTE_ONLY = ("dtype", "attention_impl")
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -73,6 +76,8 @@ class TrainConfig:
         checkpoints to keep.
       log_every: a train record (means over the steps since the last one) every this many.
       seed: parameter initialisation seed (the data seed is ``data.seed``).
+      sharding, model_parallel: weight layout, a ``partitioning.rules`` preset, over a mesh of
+        ``model_parallel`` devices per replica (``experiments.distributed.train_mesh``).
       smoke: this is a run config's ``smoke`` variant (recorded, changes nothing here).
     """
 
@@ -94,9 +99,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     seed: int = 0
+    sharding: str = "data_parallel"
+    model_parallel: int = 1
     smoke: bool = False
 
     def __post_init__(self):
+        partition_rules.get_rules(self.sharding)  # unknown presets list the valid ones
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"unknown compute_dtype {self.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}"
@@ -333,16 +341,28 @@ def train(cfg: TrainConfig, workdir, *, progress: bool = True) -> dict[str, Any]
     mcfg = model_config(cfg, dataset.vocab_size)
     if primary:
         _write_config(workdir, cfg, mcfg)
-    graphdef, params, rest = nnx.split(models.build(mcfg, seed=cfg.seed), nnx.Param, ...)
+    model = models.build(mcfg, seed=cfg.seed)
+    mesh = distributed.train_mesh(cfg.data.batch_size, cfg.model_parallel)
+    rules = partition_rules.get_rules(cfg.sharding)
+    report = partition_rules.sharding_report(model, mesh, rules)
+    if primary:
+        (workdir / SHARDING_REPORT_FILE).write_text(partition_rules.format_report(report) + "\n")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
     params = nnx.to_pure_dict(params)
     optimizer = tuple(getattr(cfg, name) for name in _OPTIMIZER_FIELDS)
     tx, schedule, train_step, eval_step = _cached_step_fns(graphdef, optimizer)
-    mesh = distributed.data_mesh(cfg.data.batch_size)
-    params, opt_state, rest = distributed.replicate((params, tx.init(params), rest), mesh)
+    params, opt_state, rest = _place(params, logical, rest, tx, mesh, rules)
 
     mngr = checkpoint.manager(workdir / checkpoint.CHECKPOINTS, keep=cfg.keep_checkpoints)
     start = mngr.latest_step() or 0
     bar = Progress(cfg.steps, initial=start, enabled=progress and primary)
+    if primary:
+        per_device = sum(r.bytes_per_device for r in report)
+        bar.write(
+            f"mesh {dict(mesh.shape)}, {cfg.sharding}: {per_device:,} parameter bytes per "
+            f"device (details in {SHARDING_REPORT_FILE})"
+        )
     try:
         if start > cfg.steps:
             raise ValueError(f"{workdir} has a checkpoint at step {start}, past steps={cfg.steps}")
@@ -365,6 +385,34 @@ def train(cfg: TrainConfig, workdir, *, progress: bool = True) -> dict[str, Any]
     evals = log.split("eval")
     final = {k: v for k, v in evals[-1].items() if k != "split"} if evals else {}
     return {"step": cfg.steps, **final, "history": {"train": log.split("train"), "eval": evals}}
+
+
+def _place(params, logical, rest, tx, mesh, rules):
+    """Lay out parameters by their logical axes; the optimizer state follows its parameter.
+
+    Adam's moments mirror the parameter tree, so each optimizer-state leaf takes the sharding
+    of the parameter whose path ends its own path (scalars such as the step count replicate).
+    """
+    specs = jax.tree.map(
+        lambda x, axes: partition_rules.spec_for(x.shape, tuple(axes), rules, mesh),
+        params,
+        logical,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    params = distributed.place(params, specs, mesh)
+    by_path = {path: x.sharding for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding_of(path, leaf):
+        for k in range(len(path)):
+            if path[k:] in by_path:
+                return by_path[path[k:]]
+        return replicated
+
+    shapes = jax.eval_shape(tx.init, params)
+    out = jax.tree_util.tree_map_with_path(sharding_of, shapes)
+    opt_state = jax.jit(tx.init, out_shardings=out)(params)
+    return params, opt_state, distributed.replicate(rest, mesh)
 
 
 def _loop(cfg, dataset, mesh, params, opt_state, rest, steps, start, mngr, log, bar) -> None:
