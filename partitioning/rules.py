@@ -8,8 +8,7 @@ Presets (Megatron-style tensor parallelism, Shoeybi et al. 2019; the 1D weight-s
 layout of Pope et al. 2022 §3.2 is ``tensor_parallel`` with the ``model`` axis spanning the
 slice):
 
-  ``replicated``       every weight on every device; activations split over ``data``.
-  ``data_parallel``    the same (weights replicated, batch over ``data``).
+  ``data_parallel``    every weight on every device; the batch split over ``data``.
   ``fsdp``             weights split over ``data`` along ``embed``, batch over ``data``.
   ``tensor_parallel``  heads, kv heads, ffn and vocab over ``model``; batch over ``data``.
   ``fsdp_tp``          ``tensor_parallel`` plus ``embed`` over ``data``.
@@ -44,7 +43,6 @@ LOGICAL_AXES = (
 )
 
 RULES: dict[str, dict[str, MeshAxes]] = {
-    "replicated": {"act_batch": "data"},
     "data_parallel": {"act_batch": "data"},
     "fsdp": {"act_batch": "data", "embed": "data"},
     "tensor_parallel": {
