@@ -18,9 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import models
 from models.configs import ModelConfig
+from models.state import state_bytes
 from partitioning import hardware
 
 
@@ -34,9 +36,7 @@ class Costs:
 
 def param_bytes(model) -> int:
     """Bytes of every parameter as stored."""
-    from flax import nnx
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return state_bytes(nnx.state(model, nnx.Param))
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
@@ -57,8 +57,9 @@ def _attention_flops(cfg: ModelConfig, queries: float, keys: float) -> float:
 
 def decode_costs(cfg: ModelConfig, batch: int, context: float, weight_bytes: int) -> Costs:
     """One decode step at ``context`` tokens per sequence: every weight and the KV read once."""
-    flops = 2.0 * batch * _matmul_params(cfg) + _attention_flops(cfg, batch, context)
-    read_weights = weight_bytes * _matmul_params(cfg) / models.count_params(cfg)
+    matmul_params = _matmul_params(cfg)
+    flops = 2.0 * batch * matmul_params + _attention_flops(cfg, batch, context)
+    read_weights = weight_bytes * matmul_params / models.count_params(cfg)
     return Costs(flops, read_weights + batch * context * kv_bytes_per_token(cfg))
 
 

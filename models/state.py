@@ -76,13 +76,13 @@ class KVCache:
     def write(self, k_BTKH, v_BTKH, segment: Segment) -> KVCache:
         """Store the chunk at positions ``starts[b] + t``; writes past the end are dropped."""
         B, T = k_BTKH.shape[:2]
-        b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-        pos_BT = segment.positions_BT
         if segment.fresh and self.k_BSKH.shape[1] >= T:
             # Positions 0..T-1 for every row: a contiguous slice write, cheaper than a scatter.
             k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.dtype), 0, 1)
             v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.dtype), 0, 1)
             return KVCache(k, v)
+        b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        pos_BT = segment.positions_BT
         k = self.k_BSKH.at[b_BT, pos_BT].set(k_BTKH.astype(self.dtype), mode="drop")
         v = self.v_BSKH.at[b_BT, pos_BT].set(v_BTKH.astype(self.dtype), mode="drop")
         return KVCache(k, v)
