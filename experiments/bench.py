@@ -7,6 +7,8 @@ Examples::
         --new_tokens 64 --hf              # also Hugging Face transformers on the same weights
     python -m experiments.bench --checkpoint runs/demo --batch 1,8
     python -m experiments.bench --model tinyllama-1.1b --dtype bfloat16 --batch 1,32  # GPU
+    python -m experiments.bench --model dense-110m --batch 8 --plan auto   # every device,
+                                  # laid out by the planner; predicted vs measured step times
 
 Each record carries parameter and KV bytes and the achieved fraction of the device's roofline
 (see ``experiments.benchmark``).
@@ -37,6 +39,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
     flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
     flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+    flags.DEFINE_enum(
+        "plan",
+        "none",
+        ["none", "auto"],
+        "auto: shard over every device by the planner's best decode plan and report the "
+        "predicted step times beside the measured ones.",
+    )
 
 
 def _load_model():
@@ -61,7 +70,8 @@ def main(argv):
         sys.exit(f"bench: {e}")
     chip = benchmark.device_roofline()
     for batch in batches:
-        records = benchmark.bench_generate(
+        bench = benchmark.bench_planned if FLAGS.plan == "auto" else benchmark.bench_generate
+        records = bench(
             model,
             batch=batch,
             prompt_len=FLAGS.prompt_len,

@@ -133,6 +133,7 @@ def bench_generate(
         "device": chip.name,
         "param_bytes": wbytes,
         "kv_bytes": batch * (prompt_len + new_tokens) * kv_bytes_per_token(cfg),
+        "cache_len": runs[0].stats["cache_len"],
     }
     dtype = _peak_dtype(chip, cfg.dtype)
     prefill = prefill_costs(cfg, batch, prompt_len, wbytes)
@@ -227,3 +228,53 @@ def bench_hf_generate(
             "ms_per_token": 1e3 * decode_s / (new_tokens - 1),
         },
     ]
+
+
+def per_device_share(chip: hardware.Chip, num_devices: int) -> hardware.Chip:
+    """A host CPU's measured roofline split between ``num_devices`` fake devices (they share
+    its cores and memory); accelerators are returned unchanged."""
+    if jax.devices()[0].platform != "cpu" or num_devices == 1:
+        return chip
+    return dataclasses.replace(
+        chip,
+        name=f"{chip.name} / {num_devices} devices",
+        peak_flops={k: v / num_devices for k, v in chip.peak_flops.items()},
+        hbm_bandwidth=chip.hbm_bandwidth / num_devices,
+    )
+
+
+def bench_planned(model, *, batch: int, prompt_len: int, new_tokens: int, chip=None, **kw):
+    """``bench_generate`` under the planner's best decode plan over every device, with the
+    plan's predicted prefill and decode step times beside the measured ones.
+
+    Adds ``plan`` (layout and mesh), ``predicted_s`` (prefill: the whole prompt; decode: one
+    step at the cache length) and ``measured_over_predicted`` to each record.
+    """
+    from partitioning import cost, planner
+
+    cfg = model.config
+    chip = per_device_share(chip or device_roofline(), jax.device_count())
+    cache_len = prompt_len + new_tokens
+    best = planner.auto(cfg, phase="decode", batch=batch, context=cache_len, chip=chip)
+    with planner.use(best, model):
+        records = bench_generate(
+            model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, chip=chip, **kw
+        )
+    dtypes = dict(
+        weights_dtype=planner._PLAN_DTYPES[cfg.param_dtype],
+        kv_dtype=planner._PLAN_DTYPES[cfg.dtype],
+        activation_dtype=planner._PLAN_DTYPES[cfg.dtype],
+        compute_dtype=_peak_dtype(chip, cfg.dtype),
+    )
+    for r in records:
+        phase = r["phase"]
+        context = prompt_len if phase == "prefill" else r["cache_len"]
+        est = cost.estimate(cfg, best.layout, phase=phase, batch=batch, context=context, **dtypes)
+        measured = r["seconds"] if phase == "prefill" else r["ms_per_token"] / 1e3
+        r.update(
+            plan={**best.layout.describe(), "mesh": best.mesh_shape},
+            predicted_s=est.step_time_s,
+            measured_s=measured,
+            measured_over_predicted=measured / est.step_time_s,
+        )
+    return records

@@ -14,6 +14,15 @@ from kernels import attention as attn_ops
 from models.configs import ModelConfig
 from models.layers import Einsum, apply_rope, rope_frequencies
 from models.state import KVCache, Segment
+from partitioning.rules import shard_as
+
+# Logical axes of q/k/v after the projections, inside the attention op, and of the cache.
+_PROJ_Q = ("act_batch", "act_seq", "act_heads", "head_dim")
+_PROJ_KV = ("act_batch", "act_seq", "act_kv_heads", "head_dim")
+_ATTN_Q = ("attn_batch", "act_seq", "attn_heads", "head_dim")
+_REGROUP_Q = ("attn_regroup_batch", "act_seq", "act_heads", "head_dim")
+_ATTN_KV = ("attn_batch", "act_seq", "cache_heads", "head_dim")
+_CACHE = ("cache_batch", "cache_seq", "cache_heads", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -48,12 +57,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, segment: Segment, cache: KVCache | None = None):
         positions_BT, inv_freq = segment.positions_BT, rope_frequencies(*self.rope)
-        q_BTNH = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
-        k_BTKH = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
-        v_BTKH = self.v(x_BTD)
+        q_BTNH = apply_rope(shard_as(self.q(x_BTD), _PROJ_Q), positions_BT, inv_freq)
+        k_BTKH = apply_rope(shard_as(self.k(x_BTD), _PROJ_KV), positions_BT, inv_freq)
+        v_BTKH = shard_as(self.v(x_BTD), _PROJ_KV)
+        # Batch-sharded attention (Pope et al. 2022 §3.3) regroups queries by batch here.
+        q_BTNH = shard_as(shard_as(q_BTNH, _REGROUP_Q), _ATTN_Q)
+        k_BTKH, v_BTKH = shard_as(k_BTKH, _ATTN_KV), shard_as(v_BTKH, _ATTN_KV)
         opts = dict(sliding_window=self.window, impl=self.impl)
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)
+            cache = KVCache(shard_as(cache.k_BSKH, _CACHE), shard_as(cache.v_BSKH, _CACHE))
         if segment.fresh:
             out_BTNH = attn_ops.attention(q_BTNH, k_BTKH, v_BTKH, lengths=segment.lengths_B, **opts)
         elif segment.num_tokens == 1:
@@ -65,4 +78,5 @@ class Attention(nnx.Module):
             out_BTNH = attn_ops.cached_attention(
                 q_BTNH, cache.k_BSKH, cache.v_BSKH, segment.starts_B, segment.lengths_B, **opts
             )
+        out_BTNH = shard_as(shard_as(shard_as(out_BTNH, _ATTN_Q), _REGROUP_Q), _PROJ_Q)
         return self.o(out_BTNH), cache

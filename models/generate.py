@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from models.sampling import sample
+from partitioning.rules import active_sharding
 
 _PAD = -1
 _MAX_COMPILED = 32  # shape buckets kept compiled (least recently used dropped)
@@ -188,7 +189,9 @@ def generate(
         jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p or 1.0),
     )
-    key = (spec, _signature(params))
+    active = active_sharding()  # traced-in activation shardings are part of the program
+    layout = None if active is None else (active[0], tuple(sorted(active[1].items())))
+    key = (spec, _signature(params), layout)
     t0 = time.perf_counter()
     if key not in _COMPILED:
         prefill_jit, decode_jit = _build(*spec)

@@ -23,6 +23,10 @@ from models.layers import Einsum, Embed, make_norm
 from models.layers.linear import shapes_only
 from models.mlp import MLP
 from models.state import DecodeState, Segment
+from partitioning.rules import shard_as
+
+_RESIDUAL = ("act_batch", "act_seq", "act_embed")
+_INPUT = ("act_batch", "act_seq", "act_hidden")
 
 MIXERS: dict[str, type] = {"attention": Attention}
 CHANNELS: dict[str, type | None] = {"mlp": MLP, "none": None}
@@ -59,14 +63,15 @@ class Block(nnx.Module):
         return self.mixer.init_state(batch, max_len)
 
     def __call__(self, x_BTD, segment: Segment, state=None):
-        h_BTD = self.mixer_norm(x_BTD)
+        h_BTD = shard_as(self.mixer_norm(x_BTD), _INPUT)
         y_BTD, state = self.mixer(h_BTD, segment, state)
         if self.channel is None:
-            return x_BTD + y_BTD, state
+            return shard_as(x_BTD + y_BTD, _RESIDUAL), state
         if self.parallel:
-            return x_BTD + y_BTD + self.channel(h_BTD), state
-        x_BTD = x_BTD + y_BTD
-        return x_BTD + self.channel(self.channel_norm(x_BTD)), state
+            return shard_as(x_BTD + y_BTD + self.channel(h_BTD), _RESIDUAL), state
+        x_BTD = shard_as(x_BTD + y_BTD, _RESIDUAL)
+        h_BTD = shard_as(self.channel_norm(x_BTD), _INPUT)
+        return shard_as(x_BTD + self.channel(h_BTD), _RESIDUAL), state
 
 
 class LM(nnx.Module):
@@ -136,7 +141,7 @@ class LM(nnx.Module):
         else:
             starts_B = state.lengths_B
             segment = Segment(starts_B, starts_B + num_new_B, T, fresh)
-        x_BTD = self.embed(tokens_BT)
+        x_BTD = shard_as(self.embed(tokens_BT), _RESIDUAL)
         layer_states = []
         for i, block in enumerate(self.blocks):
             x_BTD, layer_state = block(x_BTD, segment, None if state is None else state.layers[i])
@@ -144,7 +149,7 @@ class LM(nnx.Module):
         if last_only:
             last_B = jnp.maximum(num_new_B - 1, 0)
             x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-        logits_BTV = self.logits(self.final_norm(x_BTD))
+        logits_BTV = self.logits(shard_as(self.final_norm(x_BTD), _INPUT))
         if state is not None:
             state = state.replace(lengths_B=segment.lengths_B, layers=tuple(layer_states))
         return logits_BTV, state

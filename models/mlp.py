@@ -8,6 +8,7 @@ from flax import nnx
 
 from models.configs import ModelConfig
 from models.layers import Einsum
+from partitioning.rules import shard_as
 
 _ACTIVATIONS = {
     "swiglu": jax.nn.silu,
@@ -35,6 +36,10 @@ class MLP(nnx.Module):
         self.down = Einsum("BTF,FD->BTD", (F, D), ("mlp", "embed"), bias_dims=bias, **common)
 
     def __call__(self, x_BTD):
-        h_BTF = self.up(x_BTD)
-        h_BTF = self.act(self.gate(x_BTD)) * h_BTF if self.gated else self.act(h_BTF)
+        hidden = ("act_batch", "act_seq", "act_mlp")
+        h_BTF = shard_as(self.up(x_BTD), hidden)
+        if self.gated:
+            h_BTF = self.act(shard_as(self.gate(x_BTD), hidden)) * h_BTF
+        else:
+            h_BTF = self.act(h_BTF)
         return self.down(h_BTF)

@@ -19,8 +19,11 @@ replicated (e.g. 2 kv heads on a 4-way ``model`` axis), and ``sharding_report`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
+from collections.abc import Iterator, Mapping
 
 import jax
 from flax import nnx
@@ -29,8 +32,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MeshAxes = str | tuple[str, ...] | None
 
 LOGICAL_AXES = (
+    # Activations: batch and sequence; the residual stream's feature dimension (``act_embed``)
+    # and the same features as they enter a projection (``act_hidden``); the FFN hidden
+    # (``act_mlp``); query and kv heads after the projections.
     "act_batch",
     "act_seq",
+    "act_embed",
+    "act_hidden",
+    "act_mlp",
+    "act_heads",
+    "act_kv_heads",
+    # Inside attention (batch-sharded attention regroups queries by batch, through an
+    # intermediate layout so that XLA moves them with one all-to-all) and the KV cache.
+    "attn_batch",
+    "attn_heads",
+    "attn_regroup_batch",
+    "cache_batch",
+    "cache_seq",
+    "cache_heads",
+    # Weights.
     "embed",
     "mlp",
     "heads",
@@ -81,25 +101,35 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def spec_for(shape, logical: tuple[str | None, ...], rules: dict, mesh: Mesh) -> PartitionSpec:
+def spec_for(
+    shape, logical: tuple[str | None, ...], rules: dict, mesh: Mesh | Mapping[str, int]
+) -> PartitionSpec:
     """The ``PartitionSpec`` of an array of ``shape`` whose dimensions are named ``logical``.
 
     Mesh axes absent from ``mesh`` or of size 1 are dropped; a mesh axis is used at most once
-    (first dimension wins); a dimension that does not divide evenly is replicated.
+    (first dimension wins); a dimension that does not divide evenly is replicated. ``mesh``
+    may be a ``Mesh`` or just its axis sizes (the cost model plans meshes it never builds).
     """
     unknown = [a for a in logical if a is not None and a not in LOGICAL_AXES]
     if unknown:
         raise ValueError(f"unknown logical axes {unknown}; valid: {list(LOGICAL_AXES)}")
+    sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
     used: set[str] = set()
     out = []
     for size, name in zip(shape, logical, strict=True):
-        axes = [a for a in _as_tuple(rules.get(name)) if mesh.shape.get(a, 1) > 1 and a not in used]
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        axes = [a for a in _as_tuple(rules.get(name)) if sizes.get(a, 1) > 1 and a not in used]
+        if axes and size % math.prod(sizes[a] for a in axes) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else tuple(axes))
         else:
             out.append(None)
     return PartitionSpec(*out)
+
+
+def num_shards(spec: PartitionSpec, mesh: Mesh | Mapping[str, int]) -> int:
+    """How many pieces ``spec`` cuts an array into on ``mesh``."""
+    sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+    return math.prod(sizes[a] for axes in spec for a in _as_tuple(axes))
 
 
 def _params(model):
@@ -122,6 +152,40 @@ def constrain(x, logical: tuple[str | None, ...], rules: dict, mesh: Mesh):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict) -> Iterator[None]:
+    """Within this context, models pin their activations (and weights at the point of use) to
+    ``rules`` on ``mesh`` through ``shard_as``.
+
+    Read when a function is traced: jit a function inside the context (``models.generate``
+    keys its compiled programs on the active context). Outside any context ``shard_as`` is the
+    identity and XLA propagates shardings from the parameters and inputs.
+    """
+    previous = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = (mesh, dict(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.value = previous
+
+
+def active_sharding() -> tuple[Mesh, dict] | None:
+    """The ``(mesh, rules)`` of the innermost ``activation_sharding`` context, or ``None``."""
+    return getattr(_ACTIVE, "value", None)
+
+
+def shard_as(x, logical: tuple[str | None, ...]):
+    """Constrain ``x`` (dimensions named ``logical``) by the active rules; identity outside."""
+    active = active_sharding()
+    if active is None:
+        return x
+    mesh, rules = active
+    return constrain(x, logical, rules, mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportRow:
     path: str
@@ -138,10 +202,7 @@ def sharding_report(model, mesh: Mesh, rules: dict) -> list[ReportRow]:
         value = var[...]
         logical = tuple(var.get_metadata()["out_sharding"])
         spec = spec_for(value.shape, logical, rules, mesh)
-        shards = math.prod(
-            math.prod(mesh.shape[a] for a in _as_tuple(axes)) for axes in spec if axes
-        )
-        nbytes = math.prod(value.shape) * value.dtype.itemsize // shards
+        nbytes = math.prod(value.shape) * value.dtype.itemsize // num_shards(spec, mesh)
         rows.append(ReportRow(path, tuple(value.shape), logical, spec, nbytes))
     return rows
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers.linear import param
+from models.layers.linear import param, shard_weight
 
 
 class Embed(nnx.Module):
@@ -25,13 +25,13 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, tokens_BT):
-        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+        return jnp.take(shard_weight(self.embedding), tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
         """Logits against the embedding table (tied output head), float32."""
         return jnp.einsum(
             "BTD,VD->BTV",
             x_BTD.astype(self.dtype),
-            self.embedding[...].astype(self.dtype),
+            shard_weight(self.embedding).astype(self.dtype),
             preferred_element_type=jnp.float32,
         )

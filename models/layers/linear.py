@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from partitioning.rules import shard_as
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 _MODE = threading.local()
 
@@ -44,6 +46,12 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, axes: tuple[str, ...], dtype
     else:
         value = init(rngs.params(), shape, dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def shard_weight(var: nnx.Param) -> jax.Array:
+    """The value of ``var`` laid out for use by the active rules (a weight-gathered layout
+    gathers it here; a weight-stationary one leaves it in place)."""
+    return shard_as(var[...], tuple(var.get_metadata()["out_sharding"]))
 
 
 class Einsum(nnx.Module):
@@ -81,7 +89,7 @@ class Einsum(nnx.Module):
         y = jnp.einsum(
             self.equation,
             x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
+            shard_weight(self.kernel).astype(self.dtype),
             preferred_element_type=self.out_dtype,
         )
         if self.bias is not None:
