@@ -143,7 +143,8 @@ def shard_model(model, mesh: Mesh, rules: dict) -> None:
     for _, var in _params(model):
         value = var[...]
         spec = spec_for(value.shape, var.get_metadata()["out_sharding"], rules, mesh)
-        var[...] = jax.device_put(value, NamedSharding(mesh, spec))
+        # A whole-value replace: ``var[...] = x`` would scatter into the old (committed) array.
+        var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
 
 
 def constrain(x, logical: tuple[str | None, ...], rules: dict, mesh: Mesh):

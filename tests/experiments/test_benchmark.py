@@ -1,12 +1,14 @@
 """experiments.benchmark: analytical costs against closed forms, and the bench CLI's JSON."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 import models
+import partitioning.layouts
 from experiments import benchmark
 
 
@@ -68,3 +70,16 @@ def test_bench_cli_rejects_unknown_preset():
     assert res.returncode != 0
     assert "unknown model preset 'gpt-5'; valid:" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_bench_planned_reports_prediction_beside_measurement():
+    import jax
+
+    model = models.build(models.get_config("dense-tiny"), seed=0)
+    records = benchmark.bench_planned(model, batch=8, prompt_len=16, new_tokens=4, repeats=1)
+    assert [r["phase"] for r in records] == ["prefill", "decode"]
+    for r in records:
+        assert r["plan"]["ffn"] in partitioning.layouts.FFN_LAYOUTS
+        assert math.prod(r["plan"]["mesh"].values()) == jax.device_count()
+        assert r["predicted_s"] > 0
+        assert r["measured_over_predicted"] == pytest.approx(r["measured_s"] / r["predicted_s"])

@@ -55,6 +55,23 @@ def test_generate_cli_continues_prompts(tmp_path):
         "6",
     )
     assert again.stdout == res.stdout
+    # Laid out over the 8 fake devices by the planner: the same greedy text.
+    planned = _generate(
+        "--checkpoint",
+        str(tmp_path),
+        "--prompt",
+        "def f():",
+        "--prompt",
+        "x",
+        "--max_new_tokens",
+        "6",
+        "--plan",
+        "auto",
+    )
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert planned.stdout == res.stdout
+    plan = json.loads(planned.stderr.strip().splitlines()[-1])["plan"]
+    assert sum(n > 1 for n in plan["mesh"].values()) >= 1 and "plan: " in planned.stderr
 
 
 def test_generate_cli_missing_checkpoint(tmp_path):
