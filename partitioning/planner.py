@@ -235,7 +235,7 @@ def format_plans(plans: list[Plan], *, limit: int | None = None) -> str:
     rows = [head]
     for i, p in enumerate(plans[:limit] if limit else plans):
         e = p.estimate
-        mesh = "x".join(f"{a}{n}" for a, n in p.mesh_shape.items() if n > 1) or "1"
+        mesh = ",".join(f"{a}={n}" for a, n in p.mesh_shape.items() if n > 1) or "1"
         rows.append(
             (
                 str(i + 1), p.layout.ffn, p.layout.attention, mesh, str(e.batch),
