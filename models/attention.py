@@ -57,12 +57,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, segment: Segment, cache: KVCache | None = None):
         positions_BT, inv_freq = segment.positions_BT, rope_frequencies(*self.rope)
-        q_BTNH = apply_rope(shard_as(self.q(x_BTD), _PROJ_Q), positions_BT, inv_freq)
-        k_BTKH = apply_rope(shard_as(self.k(x_BTD), _PROJ_KV), positions_BT, inv_freq)
-        v_BTKH = shard_as(self.v(x_BTD), _PROJ_KV)
-        # Batch-sharded attention (Pope et al. 2022 §3.3) regroups queries by batch here.
-        q_BTNH = shard_as(shard_as(q_BTNH, _REGROUP_Q), _ATTN_Q)
-        k_BTKH, v_BTKH = shard_as(k_BTKH, _ATTN_KV), shard_as(v_BTKH, _ATTN_KV)
+        # Batch-sharded attention (Pope et al. 2022 §3.3) regroups queries by batch here;
+        # RoPE comes after, so queries and keys share one layout of its tables.
+        q_BTNH = shard_as(shard_as(shard_as(self.q(x_BTD), _PROJ_Q), _REGROUP_Q), _ATTN_Q)
+        k_BTKH = shard_as(shard_as(self.k(x_BTD), _PROJ_KV), _ATTN_KV)
+        v_BTKH = shard_as(shard_as(self.v(x_BTD), _PROJ_KV), _ATTN_KV)
+        q_BTNH = shard_as(apply_rope(q_BTNH, positions_BT, inv_freq), _ATTN_Q)
+        k_BTKH = shard_as(apply_rope(k_BTKH, positions_BT, inv_freq), _ATTN_KV)
         opts = dict(sliding_window=self.window, impl=self.impl)
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)

@@ -81,6 +81,9 @@ class KVCache:
             k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.dtype), 0, 1)
             v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.dtype), 0, 1)
             return KVCache(k, v)
+        if T == 1:
+            return KVCache(_write_one(self.k_BSKH, k_BTKH, segment.starts_B),
+                           _write_one(self.v_BSKH, v_BTKH, segment.starts_B))  # fmt: skip
         b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         pos_BT = segment.positions_BT
         k = self.k_BSKH.at[b_BT, pos_BT].set(k_BTKH.astype(self.dtype), mode="drop")
@@ -90,6 +93,23 @@ class KVCache:
     @property
     def dtype(self):
         return self.k_BSKH.dtype
+
+
+def _write_one(cache_BSKH, new_B1KH, starts_B):
+    """Row ``b`` of ``new`` into position ``starts[b]`` (dropped past the end).
+
+    A vmapped dynamic update: a scatter whose batch dimension is explicit, so a cache split
+    by batch over devices updates in place without gathering indices or updates.
+    """
+
+    def row(cache_SKH, new_1KH, start):
+        S = cache_SKH.shape[0]
+        at = jnp.minimum(start, S - 1)
+        old_1KH = jax.lax.dynamic_slice_in_dim(cache_SKH, at, 1, 0)
+        new_1KH = jnp.where(start < S, new_1KH.astype(cache_SKH.dtype), old_1KH)
+        return jax.lax.dynamic_update_slice_in_dim(cache_SKH, new_1KH, at, 0)
+
+    return jax.vmap(row)(cache_BSKH, new_B1KH, starts_B)
 
 
 @struct.dataclass
