@@ -10,7 +10,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parents[2] / "notebooks").glob("*.ipy
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_quickstart.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:2] == ["01_quickstart.ipynb", "02_partition_planner.ipynb"]
 
 
 @pytest.mark.slow
