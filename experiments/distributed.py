@@ -1,7 +1,24 @@
 """Several processes (hosts) and data parallelism for the trainer.
 
-Every host runs the same command. On TPU VMs and under SLURM JAX finds its peers by itself;
-elsewhere set, on each host::
+Every host runs the same command, one process per host (JAX drives all of a host's
+accelerators from one process); ``initialize_from_env`` then calls ``jax.distributed.initialize``
+before anything touches a device.
+
+Cloud TPU pod slice: JAX finds the other workers of the slice itself (from the TPU VM's
+metadata), so run the command on every worker at once::
+
+    gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all \
+        --command="cd kestrel && python -m experiments.train --config ... --workdir gs://..."
+
+GPU cluster under SLURM: one task per node; JAX reads the coordinator (the first node of the
+step), the process count and the rank from SLURM's variables::
+
+    srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 \
+        python -m experiments.train --config ... --workdir /shared/run
+
+Open MPI (``mpirun -np 2 --map-by node ...``) is detected the same way. Anywhere else (plain
+SSH, Kubernetes without JAX's detection, or two CPU processes on one machine) name the
+coordinator on every host::
 
     JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<0 or 1> \
         python -m experiments.train --config ... --workdir <shared directory>
@@ -11,7 +28,9 @@ the global batch is split over ``data`` (all hosts compute the same deterministi
 and each keeps its own shard) and the weights are laid out by the logical-axis rules of
 ``partitioning.rules`` (replicated for ``data_parallel``; split over ``model`` for
 ``tensor_parallel``). XLA inserts the collectives: gradient all-reduce, tensor-parallel
-all-reduce or all-gather.
+all-reduce or all-gather. ``experiments.sharded_forward`` is the smallest multi-host program:
+a tensor-parallel forward whose ``model`` axis spans the processes
+(``tests/experiments/test_multihost_forward.py`` runs it as 2 CPU processes on loopback).
 """
 
 from __future__ import annotations
@@ -25,17 +44,55 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def initialize_from_env() -> bool:
-    """``jax.distributed.initialize`` from ``ENV_VARS`` when they are set; True if it ran."""
-    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+def detected_launcher() -> str | None:
+    """The launcher that started this process as one of several, if JAX can read it alone.
+
+    ``"slurm"`` inside an ``srun`` step of more than one task, ``"openmpi"`` under ``mpirun``
+    with more than one rank, ``"tpu"`` on a Cloud TPU VM (unless ``JAX_PLATFORMS`` leaves out
+    TPUs); ``None`` otherwise.
+    """
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env:
+        return "slurm"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "openmpi"
+    platforms = env.get("JAX_PLATFORMS", "")
+    if (not platforms or "tpu" in platforms.split(",")) and _on_cloud_tpu_vm():
+        return "tpu"
+    return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    # Set by ``import jax`` when it finds TPU chips and libtpu (jax/_src/cloud_tpu_init.py);
+    # the same test JAX's own TPU cluster detection makes.
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:  # a private module: absent in some JAX version, assume no TPU VM
         return False
-    missing = [v for v in ENV_VARS if not os.environ.get(v)]
-    if missing:
-        raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def initialize_from_env() -> bool:
+    """``jax.distributed.initialize`` for a multi-process run; True if it ran (or had run).
+
+    From ``ENV_VARS`` when ``JAX_COORDINATOR_ADDRESS`` is set, else with no arguments (JAX reads
+    the launcher's variables) when ``detected_launcher`` names one; a single process without
+    either does nothing. Call it before any computation touches a device.
+    """
+    explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if explicit:
+        missing = [v for v in ENV_VARS if not os.environ.get(v)]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+    elif detected_launcher() is None:
+        return False
     if jax.distributed.is_initialized():
         return True
-    # CPU processes exchange gradients through gloo; accelerators ignore this option.
+    # CPU processes exchange data through gloo; accelerators ignore this option.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not explicit:
+        jax.distributed.initialize()
+        return True
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

@@ -97,13 +97,14 @@ def make_mesh(ici: dict[str, int], dcn: dict[str, int] | None = None, *, devices
     names = tuple(ici)
     if num_slices == 1:
         grid = mesh_utils.create_device_mesh(tuple(ici.values()), devices)
-    elif all(hasattr(d, "slice_index") for d in devices):
+    elif len({getattr(d, "slice_index", None) for d in devices}) > 1:
         grid = mesh_utils.create_hybrid_device_mesh(
             tuple(ici.values()), tuple(dcn[a] for a in names), devices
         )
     else:
-        # Devices without slice metadata (CPU, one GPU host per slice): consecutive groups
-        # form the slices; each axis is (dcn, ici) with the slice index major.
+        # Devices without slice metadata (CPU, or GPU hosts and CPU processes that all report
+        # slice_index 0): consecutive groups, e.g. one per process, form the slices; each axis
+        # is (dcn, ici) with the slice index major.
         shape = [dcn[a] for a in names] + [ici[a] for a in names]
         grid = np.array(devices).reshape(shape)
         order = [

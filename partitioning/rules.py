@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -138,13 +139,27 @@ def _params(model):
             yield ".".join(str(p) for p in path), var
 
 
+def _put(value, sharding: NamedSharding):
+    if sharding.is_fully_addressable or not getattr(value, "is_fully_addressable", True):
+        return jax.device_put(value, sharding)  # one process, or a reshard of a global array
+    # Several processes, each with the same full value (same seed or checkpoint): each builds
+    # only its own shards; ``device_put`` would first all-gather every weight to every process
+    # to check that they agree.
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_model(model, mesh: Mesh, rules: dict) -> None:
-    """Place every parameter of ``model`` on ``mesh`` by its logical axes (in place)."""
+    """Place every parameter of ``model`` on ``mesh`` by its logical axes (in place).
+
+    With several processes, every process holds identical parameters (same seed or
+    checkpoint) and calls this with the same global ``mesh``.
+    """
     for _, var in _params(model):
         value = var[...]
         spec = spec_for(value.shape, var.get_metadata()["out_sharding"], rules, mesh)
         # A whole-value replace: ``var[...] = x`` would scatter into the old (committed) array.
-        var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
+        var.set_value(_put(value, NamedSharding(mesh, spec)))
 
 
 def constrain(x, logical: tuple[str | None, ...], rules: dict, mesh: Mesh):

@@ -9,6 +9,7 @@ ENTRY_POINTS = [
     "experiments.demo",
     "experiments.bench",
     "experiments.generate",
+    "experiments.sharded_forward",
 ]
 
 
