@@ -7,8 +7,18 @@ statistics are float32 in every implementation.
 Implementations (``impl``):
   ``reference``  plain jnp in float32: the oracle.
   ``xla``        the same math with matmul inputs in their own dtype, float32 accumulation.
+  ``cudnn``      cuDNN fused flash attention through ``jax.nn.dot_product_attention``
+                 (CUDA GPUs; ``attention`` only). It supports what cuDNN supports: bfloat16 or
+                 float16, causal only with ``T == S`` (cuDNN's causal mask is aligned top-left),
+                 sliding windows only when causal, ``lengths``; no ``softcap``.
+  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``, ``tpu_decode.py``), on a TPU or
+                 with ``interpret=True``; a clear error until those modules land.
+  ``pallas_gpu`` the Pallas Mosaic GPU kernel: not available yet (a clear error).
   ``auto``       the best path available on the running backend (``xla`` until the Pallas
                  kernels of the attention issue land).
+
+Unsupported (impl, option) pairs raise ``ValueError`` naming the option; no path silently falls
+back to another.
 
 Example::
 
@@ -18,13 +28,15 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
 from kernels.attention import reference
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "cudnn", "pallas_tpu", "pallas_gpu")
+_JNP_IMPLS = ("reference", "xla")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -32,6 +44,70 @@ def _resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {list(IMPLS)}")
     return "xla" if impl == "auto" else impl
+
+
+def _require_jnp(impl: str, op: str, others: tuple[str, ...] = ()) -> None:
+    if impl not in _JNP_IMPLS:
+        supported = ["auto", *_JNP_IMPLS, *others]
+        raise ValueError(f"{op} does not support impl={impl!r}; supported: {supported}")
+
+
+def _pallas_tpu_module(name: str, interpret: bool):
+    """The Pallas TPU module ``kernels.attention.<name>``, or a clear error if it cannot run."""
+    backend = jax.default_backend()
+    if backend != "tpu" and not interpret:
+        raise ValueError(
+            f"impl='pallas_tpu' needs a TPU backend (running on {backend!r}); "
+            "pass interpret=True to run it on CPU, or use impl='xla'"
+        )
+    try:
+        return importlib.import_module(f"kernels.attention.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"kernels.attention.{name}":
+            raise
+        raise ValueError(
+            f"impl='pallas_tpu' is not available yet (kernels/attention/{name}.py has not "
+            "landed); use impl='xla'"
+        ) from None
+
+
+def _pallas_gpu_unavailable() -> ValueError:
+    return ValueError("impl='pallas_gpu' is not available yet; use impl='cudnn' or impl='xla'")
+
+
+def _cudnn_attention(q, k, v, *, causal, sliding_window, lengths, softcap, scale):
+    """``jax.nn.dot_product_attention(implementation="cudnn")`` restricted to Kestrel semantics.
+
+    Kestrel's queries are the last ``T`` of ``S`` positions; cuDNN aligns its causal mask
+    top-left (query ``t`` sees keys ``<= t``), so the two agree only when ``T == S``.
+    Kestrel's window ``w`` (keys in ``(p - w, p]``) is JAX's ``local_window_size=(w - 1, 0)``.
+    """
+    if softcap is not None:
+        raise ValueError("impl='cudnn' does not support softcap; use impl='xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+    T, S = q.shape[1], k.shape[1]
+    if causal and T != S:
+        raise ValueError(
+            f"impl='cudnn' supports causal attention only with T == S (cuDNN's causal mask is "
+            f"aligned top-left), got T={T}, S={S}"
+        )
+    if sliding_window is not None and not causal:
+        raise ValueError("impl='cudnn' supports sliding_window only with causal=True")
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(
+            f"impl='cudnn' needs a CUDA GPU backend with cuDNN (running on {backend!r}); "
+            "use impl='xla'"
+        )
+    kwargs = {}
+    if sliding_window is not None:
+        kwargs["local_window_size"] = (sliding_window - 1, 0)
+    if lengths is not None:
+        kwargs["key_value_seq_lengths"] = lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, implementation="cudnn", **kwargs
+    )
 
 
 def _check_qkv(q, k, v, q_name: str, q_rank: int) -> None:
@@ -97,18 +173,31 @@ def attention(
       interpret: run Pallas paths in interpret mode (no effect on jnp paths).
 
     Returns:
-      ``[B, T, N, H]`` in the dtype of ``q``. Rows with no visible key are zeros.
+      ``[B, T, N, H]`` in the dtype of ``q``. Rows with no visible key are zeros (for
+      ``cudnn``, whatever cuDNN returns).
     """
-    del interpret
+    impl = _resolve_impl(impl)
     _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
     _check_options(sliding_window, softcap)
     B, T, _, H = q_BTNH.shape
     S = k_BSKH.shape[1]
     if T > S:
         raise ValueError(f"more queries than keys: T={T} > S={S}")
+    if lengths is not None:
+        _check_lengths(lengths, B, "lengths")
+    if scale is None:
+        scale = H**-0.5
+    options = dict(causal=causal, sliding_window=sliding_window, lengths=lengths)
+    options.update(softcap=softcap, scale=scale)
+    if impl == "cudnn":
+        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **options)
+    if impl == "pallas_tpu":
+        tpu = _pallas_tpu_module("tpu", interpret)
+        return tpu.flash_attention(q_BTNH, k_BSKH, v_BSKH, **options, interpret=interpret)
+    if impl == "pallas_gpu":
+        raise _pallas_gpu_unavailable()
     if lengths is None:
         lengths = jnp.full((B,), S, jnp.int32)
-    _check_lengths(lengths, B, "lengths")
     q_pos_BT = jnp.broadcast_to(S - T + jnp.arange(T, dtype=jnp.int32), (B, T))
     return _masked(
         q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths, causal, sliding_window, softcap, scale, impl
@@ -139,10 +228,27 @@ def decode_attention(
     Returns:
       ``[B, N, H]`` in the dtype of ``q``.
     """
-    del interpret
+    impl = _resolve_impl(impl)
     _check_qkv(q_BNH, k_BSKH, v_BSKH, "q_BNH", 3)
     _check_options(sliding_window, softcap)
     _check_lengths(lengths_B, q_BNH.shape[0], "lengths_B")
+    if scale is None:
+        scale = q_BNH.shape[-1] ** -0.5
+    if impl == "pallas_tpu":
+        tpu_decode = _pallas_tpu_module("tpu_decode", interpret)
+        return tpu_decode.decode_attention(
+            q_BNH,
+            k_BSKH,
+            v_BSKH,
+            lengths_B,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            scale=scale,
+            interpret=interpret,
+        )
+    if impl == "pallas_gpu":
+        raise _pallas_gpu_unavailable()
+    _require_jnp(impl, "decode_attention", ("pallas_tpu",))
     q_pos_BT = (lengths_B - 1)[:, None].astype(jnp.int32)
     out = _masked(
         q_BNH[:, None],
@@ -182,6 +288,8 @@ def cached_attention(
       ``[B, T, N, H]`` in the dtype of ``q``.
     """
     del interpret
+    impl = _resolve_impl(impl)
+    _require_jnp(impl, "cached_attention")
     _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
     _check_options(sliding_window, softcap)
     B, T = q_BTNH.shape[:2]
@@ -194,7 +302,6 @@ def cached_attention(
 
 
 def _masked(q, k, v, q_pos_BT, kv_len_B, causal, sliding_window, softcap, scale, impl):
-    impl = _resolve_impl(impl)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return reference.masked_attention(

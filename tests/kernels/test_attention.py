@@ -1,5 +1,6 @@
 """kernels.attention against a per-query numpy loop (the independent oracle)."""
 
+import importlib.util
 import itertools
 
 import jax
@@ -154,3 +155,52 @@ def test_unknown_impl_lists_valid():
     q, k, v = _qkv(1, 2, 2, 2, 2, 4, jnp.float32)
     with pytest.raises(ValueError, match="valid: .*reference"):
         attn.attention(q, k, v, impl="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(softcap=5.0), "cudnn' does not support softcap"),
+        (dict(dtype=jnp.float32), "cudnn' needs bfloat16 or float16"),
+        (dict(T=3), "causal attention only with T == S.*T=3, S=4"),
+        (dict(causal=False, sliding_window=2), "sliding_window only with causal=True"),
+        (dict(), "cudnn' needs a CUDA GPU backend .*'cpu'"),
+    ],
+)
+def test_cudnn_unsupported_options_and_backend_get_clear_errors(kwargs, match):
+    dtype, T = kwargs.pop("dtype", jnp.bfloat16), kwargs.pop("T", 4)
+    q, k, v = _qkv(1, T, 4, 2, 1, 8, dtype)
+    with pytest.raises(ValueError, match=match):
+        attn.attention(q, k, v, impl="cudnn", **kwargs)
+
+
+def test_pallas_impls_without_their_backend_get_clear_errors():
+    q, k, v = _qkv(1, 4, 4, 2, 1, 8, jnp.float32)
+    lengths = jnp.asarray([4], jnp.int32)
+    with pytest.raises(ValueError, match="pallas_gpu' is not available yet"):
+        attn.attention(q, k, v, impl="pallas_gpu")
+    with pytest.raises(ValueError, match="pallas_gpu' is not available yet"):
+        attn.decode_attention(q[:, 0], k, v, lengths, impl="pallas_gpu")
+    with pytest.raises(ValueError, match="pallas_tpu' needs a TPU backend .*interpret=True"):
+        attn.attention(q, k, v, impl="pallas_tpu")
+    with pytest.raises(ValueError, match="decode_attention does not support impl='cudnn'"):
+        attn.decode_attention(q[:, 0], k, v, lengths, impl="cudnn")
+    with pytest.raises(ValueError, match="cached_attention does not support impl='pallas_tpu'"):
+        attn.cached_attention(q, k, v, lengths - 4, lengths, impl="pallas_tpu")
+
+
+@pytest.mark.parametrize("op", ["attention", "decode_attention"])
+def test_pallas_tpu_interpret_routes_to_its_kernel_or_says_not_yet(op):
+    module = "tpu" if op == "attention" else "tpu_decode"
+    q, k, v = _qkv(2, 4, 8, 2, 1, 8, jnp.float32)
+    if op == "attention":
+        run = lambda impl, **kw: attn.attention(q, k, v, impl=impl, **kw)
+    else:
+        lengths = jnp.asarray([8, 3], jnp.int32)
+        run = lambda impl, **kw: attn.decode_attention(q[:, 0], k, v, lengths, impl=impl, **kw)
+    if importlib.util.find_spec(f"kernels.attention.{module}") is None:
+        with pytest.raises(ValueError, match=f"not available yet .*{module}.py"):
+            run("pallas_tpu", interpret=True)
+    else:
+        out = run("pallas_tpu", interpret=True)
+        np.testing.assert_allclose(out, run("reference"), atol=1e-5, rtol=1e-5)

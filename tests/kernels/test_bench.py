@@ -1,0 +1,104 @@
+"""kernels.bench: the CLI's JSON lines on CPU, the closed-form work counts, the cuDNN ratio."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from kernels import bench
+
+_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+_COMMON = {"op", "phase", "pass", "shape", "impl", "device", "backend", "jax"}
+_GPU_ONLY = {"jax_cudnn", "kestrel_cudnn", "jax_pallas_triton_mha", "jax_pallas_mgpu"}
+
+
+def _run(*args):
+    cmd = [sys.executable, "-m", "kernels.bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_ENV, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def records():
+    result = _run("attention", "--small", "--backward", "--repeats", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_line_is_a_record_with_the_documented_fields(records):
+    assert records
+    for r in records:
+        assert r.keys() >= _COMMON, r
+        assert r["op"] == "attention" and r["device"] == "cpu"
+        assert set(r["shape"]) == {"B", "T", "S", "N", "K", "H", "causal", "dtype"}
+        assert r["shape"]["dtype"] == "bfloat16"
+        assert ("skipped" in r) != ("seconds" in r), r
+    keys = {(r["phase"], r["pass"]) for r in records}
+    assert keys == {("prefill", "fwd"), ("prefill", "bwd"), ("decode", "fwd")}
+
+
+def test_jnp_impls_are_measured_with_closed_form_work_and_small_errors(records):
+    measured = {(r["phase"], r["pass"], r["impl"]): r for r in records if "seconds" in r}
+    for phase, pass_ in (("prefill", "fwd"), ("prefill", "bwd"), ("decode", "fwd")):
+        for impl in ("kestrel_reference", "kestrel_xla", "jax_xla"):
+            r = measured[phase, pass_, impl]
+            s = r["shape"]
+            assert r["seconds"] > 0
+            if phase == "prefill":
+                # Causal: half of 4*B*T*S*N*H; the backward pass counts 2.5x the forward.
+                fwd = 4 * s["B"] * s["T"] * s["S"] * s["N"] * s["H"] / 2
+                assert r["flops"] == fwd * (2.5 if pass_ == "bwd" else 1)
+                assert r["tflop_per_s"] == pytest.approx(r["flops"] / r["seconds"] / 1e12)
+            else:
+                kv = 2 * s["B"] * s["S"] * s["K"] * s["H"]
+                assert r["bytes"] == (kv + 2 * s["B"] * s["N"] * s["H"]) * 2  # bfloat16
+                assert r["tb_per_s"] == pytest.approx(r["bytes"] / r["seconds"] / 1e12)
+            if pass_ == "fwd":
+                assert r["max_abs_err"] <= 2e-2
+            assert "vs_cudnn" not in r  # cuDNN is not measured on CPU
+
+
+def test_unavailable_baselines_are_skipped_lines_with_reasons(records):
+    skipped = {(r["phase"], r["impl"]): r["skipped"] for r in records if "skipped" in r}
+    for impl in _GPU_ONLY:
+        assert "gpu" in skipped["prefill", impl].lower(), skipped["prefill", impl]
+    assert "gpu backend" in skipped["decode", "jax_pallas_decode_gqa"]
+    assert "tpu backend" in skipped["prefill", "jax_pallas_tpu_flash"]
+    assert "not available yet" in skipped["prefill", "kestrel_pallas_gpu"]
+    assert "needs a TPU backend" in skipped["prefill", "kestrel_pallas_tpu"]
+
+
+def test_unknown_op_exits_nonzero_listing_valid_ops():
+    result = _run("quantize")
+    assert result.returncode != 0
+    assert "unknown op 'quantize'" in result.stderr and "attention" in result.stderr
+
+
+def test_unknown_impl_is_an_error_listing_valid(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["attention", "--small", "--impls", "kestrel_xla,triton"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "unknown impls ['triton']" in err and "kestrel_xla" in err
+
+
+def test_vs_cudnn_is_the_time_ratio_to_the_cudnn_record(monkeypatch):
+    # Stand in XLA for cuDNN so the ratio logic runs on CPU.
+    monkeypatch.setitem(bench.PREFILL_IMPLS, "jax_cudnn", bench._jax_nn_prefill("xla"))
+    records = []
+    bench.bench_attention_shape(
+        bench.SMALL_SHAPES["prefill"],
+        dtype=jnp.float32,
+        passes=["fwd"],
+        impls={"jax_cudnn", "kestrel_xla"},
+        repeats=2,
+        warmup=1,
+        emit=records.append,
+    )
+    cudnn, xla = records
+    assert (cudnn["impl"], xla["impl"]) == ("jax_cudnn", "kestrel_xla")
+    assert cudnn["vs_cudnn"] == 1.0
+    assert xla["vs_cudnn"] == pytest.approx(cudnn["seconds"] / xla["seconds"])
+    assert xla["max_abs_err"] < 1e-4
