@@ -52,7 +52,7 @@ SYNTHETIC_KINDS = ("mqar", "copying")
 METRICS_FILE = "metrics.jsonl"
 SHARDING_REPORT_FILE = "sharding_report.txt"
 # Model fields a resumed run may change: they do not touch the parameters.
-COMPUTE_ONLY = ("dtype", "attention_impl")
+COMPUTE_ONLY = ("dtype", "attention_impl", "attention_interpret")
 LOSS_CURVE_FILE = "loss_curve.png"
 
 

@@ -48,7 +48,7 @@ class Attention(nnx.Module):
             **common,
         )
         self.window = cfg.window(layer)
-        self.impl = cfg.attention_impl
+        self.impl, self.interpret = cfg.attention_impl, cfg.attention_interpret
         self.num_kv_heads, self.head_dim, self.cache_dtype = K, H, dt
         self.rope = (H, cfg.rope_theta, cfg.rope_scaling)
 
@@ -64,7 +64,7 @@ class Attention(nnx.Module):
         v_BTKH = shard_as(shard_as(self.v(x_BTD), _PROJ_KV), _ATTN_KV)
         q_BTNH = shard_as(apply_rope(q_BTNH, positions_BT, inv_freq), _ATTN_Q)
         k_BTKH = shard_as(apply_rope(k_BTKH, positions_BT, inv_freq), _ATTN_KV)
-        opts = dict(sliding_window=self.window, impl=self.impl)
+        opts = dict(sliding_window=self.window, impl=self.impl, interpret=self.interpret)
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)
             cache = KVCache(shard_as(cache.k_BSKH, _CACHE), shard_as(cache.v_BSKH, _CACHE))

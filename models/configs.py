@@ -52,6 +52,7 @@ class ModelConfig:
         ``models.lm``, repeated cyclically over the layers.
       param_dtype / dtype: storage dtype of the weights and compute dtype of activations.
       attention_impl: the ``impl`` passed to ``kernels.attention``.
+      attention_interpret: run a Pallas ``attention_impl`` in interpret mode (CPU tests).
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
       source: where the published shape comes from.
     """
@@ -82,6 +83,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     attention_impl: str = "auto"
+    attention_interpret: bool = False
     init_std: float = 0.02
     hf_architecture: str | None = None
     source: str = ""

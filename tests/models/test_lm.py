@@ -197,3 +197,21 @@ def test_bad_inputs_get_clear_errors():
         models.generate(model, [[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         models.generate(model, [[1], []], max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "impl, interpret", [("xla", False), ("pallas_tpu", True)], ids=["xla", "pallas_tpu_interpret"]
+)
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_impls_equal_reference_model(impl, interpret, window):
+    """The model through each attention implementation that runs on CPU (the Pallas TPU
+    kernels in interpret mode) gives the reference implementation's logits and greedy tokens:
+    full forward (flash attention) and ragged prefill + decode (decode kernel)."""
+    cfg = models.get_config("dense-tiny", sliding_window=window, attention_impl="reference")
+    ref = models.build(cfg, seed=0)
+    other = models.build(cfg.replace(attention_impl=impl, attention_interpret=interpret), seed=0)
+    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(other(tokens)), np.asarray(ref(tokens)), atol=1e-5)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    want = models.generate(ref, prompts, max_new_tokens=8).tokens
+    assert models.generate(other, prompts, max_new_tokens=8).tokens == want
