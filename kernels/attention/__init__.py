@@ -11,9 +11,10 @@ Implementations (``impl``):
                  (CUDA GPUs; ``attention`` only). It supports what cuDNN supports: bfloat16 or
                  float16, causal only with ``T == S`` (cuDNN's causal mask is aligned top-left),
                  sliding windows only when causal, ``lengths``; no ``softcap``.
-  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``, ``tpu_decode.py``), on a TPU or
-                 with ``interpret=True``; a clear error until those modules land.
-  ``pallas_gpu`` the Pallas Mosaic GPU kernel: not available yet (a clear error).
+  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``, ``tpu_bwd.py``, ``tpu_decode.py``),
+                 on a TPU or with ``interpret=True``.
+  ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper): ``decode_attention`` (``gpu_decode.py``)
+                 so far, on a GPU or with ``interpret=True``.
   ``auto``       the best path available on the running backend (``xla`` until the Pallas
                  kernels of the attention issue land).
 
@@ -52,27 +53,27 @@ def _require_jnp(impl: str, op: str, others: tuple[str, ...] = ()) -> None:
         raise ValueError(f"{op} does not support impl={impl!r}; supported: {supported}")
 
 
-def _pallas_tpu_module(name: str, interpret: bool):
-    """The Pallas TPU module ``kernels.attention.<name>``, or a clear error if it cannot run."""
-    backend = jax.default_backend()
-    if backend != "tpu" and not interpret:
+_PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+
+
+def _pallas_module(impl: str, name: str, interpret: bool):
+    """The Pallas module ``kernels.attention.<name>`` of ``impl``, checked to be runnable here
+    (its backend, or any backend in interpret mode). Imported on use: Pallas backends load
+    only when asked for."""
+    backend, want = jax.default_backend(), _PALLAS_BACKEND[impl]
+    if backend != want and not interpret:
         raise ValueError(
-            f"impl='pallas_tpu' needs a TPU backend (running on {backend!r}); "
+            f"impl={impl!r} needs a {want.upper()} backend (running on {backend!r}); "
             "pass interpret=True to run it on CPU, or use impl='xla'"
         )
-    try:
-        return importlib.import_module(f"kernels.attention.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"kernels.attention.{name}":
-            raise
-        raise ValueError(
-            f"impl='pallas_tpu' is not available yet (kernels/attention/{name}.py has not "
-            "landed); use impl='xla'"
-        ) from None
+    return importlib.import_module(f"kernels.attention.{name}")
 
 
 def _pallas_gpu_unavailable() -> ValueError:
-    return ValueError("impl='pallas_gpu' is not available yet; use impl='cudnn' or impl='xla'")
+    return ValueError(
+        "attention does not have impl='pallas_gpu' yet (the Mosaic GPU flash kernel has not "
+        "landed; decode_attention has it); use impl='cudnn' or impl='xla'"
+    )
 
 
 def _cudnn_attention(q, k, v, *, causal, sliding_window, lengths, softcap, scale):
@@ -192,7 +193,7 @@ def attention(
     if impl == "cudnn":
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **options)
     if impl == "pallas_tpu":
-        tpu = _pallas_tpu_module("tpu", interpret)
+        tpu = _pallas_module(impl, "tpu", interpret)
         return tpu.flash_attention(q_BTNH, k_BSKH, v_BSKH, **options, interpret=interpret)
     if impl == "pallas_gpu":
         raise _pallas_gpu_unavailable()
@@ -234,9 +235,11 @@ def decode_attention(
     _check_lengths(lengths_B, q_BNH.shape[0], "lengths_B")
     if scale is None:
         scale = q_BNH.shape[-1] ** -0.5
-    if impl == "pallas_tpu":
-        tpu_decode = _pallas_tpu_module("tpu_decode", interpret)
-        return tpu_decode.decode_attention(
+    if impl in _PALLAS_BACKEND:
+        module = _pallas_module(
+            impl, {"pallas_tpu": "tpu_decode"}.get(impl, "gpu_decode"), interpret
+        )
+        return module.decode_attention(
             q_BNH,
             k_BSKH,
             v_BSKH,
@@ -246,9 +249,7 @@ def decode_attention(
             scale=scale,
             interpret=interpret,
         )
-    if impl == "pallas_gpu":
-        raise _pallas_gpu_unavailable()
-    _require_jnp(impl, "decode_attention", ("pallas_tpu",))
+    _require_jnp(impl, "decode_attention", tuple(_PALLAS_BACKEND))
     q_pos_BT = (lengths_B - 1)[:, None].astype(jnp.int32)
     out = _masked(
         q_BNH[:, None],
