@@ -13,8 +13,9 @@ Implementations (``impl``):
                  sliding windows only when causal, ``lengths``; no ``softcap``.
   ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``, ``tpu_bwd.py``, ``tpu_decode.py``),
                  on a TPU or with ``interpret=True``.
-  ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper): ``decode_attention`` (``gpu_decode.py``)
-                 so far, on a GPU or with ``interpret=True``.
+  ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper, ``gpu.py``, ``gpu_decode.py``), on a
+                 GPU or with ``interpret=True``; ``attention`` is forward only so far (its
+                 gradient raises) and takes bfloat16/float16 on the GPU.
   ``auto``       the best path available on the running backend (``xla`` until the Pallas
                  kernels of the attention issue land).
 
@@ -67,13 +68,6 @@ def _pallas_module(impl: str, name: str, interpret: bool):
             "pass interpret=True to run it on CPU, or use impl='xla'"
         )
     return importlib.import_module(f"kernels.attention.{name}")
-
-
-def _pallas_gpu_unavailable() -> ValueError:
-    return ValueError(
-        "attention does not have impl='pallas_gpu' yet (the Mosaic GPU flash kernel has not "
-        "landed; decode_attention has it); use impl='cudnn' or impl='xla'"
-    )
 
 
 def _cudnn_attention(q, k, v, *, causal, sliding_window, lengths, softcap, scale):
@@ -192,11 +186,9 @@ def attention(
     options.update(softcap=softcap, scale=scale)
     if impl == "cudnn":
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **options)
-    if impl == "pallas_tpu":
-        tpu = _pallas_module(impl, "tpu", interpret)
-        return tpu.flash_attention(q_BTNH, k_BSKH, v_BSKH, **options, interpret=interpret)
-    if impl == "pallas_gpu":
-        raise _pallas_gpu_unavailable()
+    if impl in _PALLAS_BACKEND:
+        module = _pallas_module(impl, {"pallas_tpu": "tpu"}.get(impl, "gpu"), interpret)
+        return module.flash_attention(q_BTNH, k_BSKH, v_BSKH, **options, interpret=interpret)
     if lengths is None:
         lengths = jnp.full((B,), S, jnp.int32)
     q_pos_BT = jnp.broadcast_to(S - T + jnp.arange(T, dtype=jnp.int32), (B, T))

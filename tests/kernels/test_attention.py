@@ -176,7 +176,7 @@ def test_cudnn_unsupported_options_and_backend_get_clear_errors(kwargs, match):
 def test_pallas_impls_without_their_backend_get_clear_errors():
     q, k, v = _qkv(1, 4, 4, 2, 1, 8, jnp.float32)
     lengths = jnp.asarray([4], jnp.int32)
-    with pytest.raises(ValueError, match="attention does not have impl='pallas_gpu' yet"):
+    with pytest.raises(ValueError, match="pallas_gpu' needs a GPU backend .*interpret=True"):
         attn.attention(q, k, v, impl="pallas_gpu")
     with pytest.raises(ValueError, match="pallas_gpu' needs a GPU backend .*interpret=True"):
         attn.decode_attention(q[:, 0], k, v, lengths, impl="pallas_gpu")
@@ -193,6 +193,7 @@ def test_pallas_impls_without_their_backend_get_clear_errors():
     [
         ("pallas_tpu", "attention"),
         ("pallas_tpu", "decode_attention"),
+        ("pallas_gpu", "attention"),
         ("pallas_gpu", "decode_attention"),
     ],
 )

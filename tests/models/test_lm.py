@@ -200,14 +200,19 @@ def test_bad_inputs_get_clear_errors():
 
 
 @pytest.mark.parametrize(
-    "impl, interpret", [("xla", False), ("pallas_tpu", True)], ids=["xla", "pallas_tpu_interpret"]
+    "impl, interpret",
+    [("xla", False), ("pallas_tpu", True), ("pallas_gpu", True)],
+    ids=["xla", "pallas_tpu_interpret", "pallas_gpu_interpret"],
 )
 @pytest.mark.parametrize("window", [None, 6])
 def test_attention_impls_equal_reference_model(impl, interpret, window):
     """The model through each attention implementation that runs on CPU (the Pallas TPU
-    kernels in interpret mode) gives the reference implementation's logits and greedy tokens:
+    kernels, TPU and Mosaic GPU, in interpret mode) gives the reference implementation's logits and greedy tokens:
     full forward (flash attention) and ragged prefill + decode (decode kernel)."""
-    cfg = models.get_config("dense-tiny", sliding_window=window, attention_impl="reference")
+    # head_dim 64: the Mosaic GPU kernels tile heads in multiples of 64.
+    cfg = models.get_config(
+        "dense-tiny", head_dim=64, sliding_window=window, attention_impl="reference"
+    )
     ref = models.build(cfg, seed=0)
     other = models.build(cfg.replace(attention_impl=impl, attention_interpret=interpret), seed=0)
     tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
