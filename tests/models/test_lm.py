@@ -206,9 +206,9 @@ def test_bad_inputs_get_clear_errors():
 )
 @pytest.mark.parametrize("window", [None, 6])
 def test_attention_impls_equal_reference_model(impl, interpret, window):
-    """The model through each attention implementation that runs on CPU (the Pallas TPU
-    kernels, TPU and Mosaic GPU, in interpret mode) gives the reference implementation's logits and greedy tokens:
-    full forward (flash attention) and ragged prefill + decode (decode kernel)."""
+    """The model through each attention implementation that runs on CPU (the Pallas TPU and
+    Mosaic GPU kernels in interpret mode) gives the reference implementation's logits and
+    greedy tokens: full forward (flash attention) and ragged prefill + decode (decode kernel)."""
     # head_dim 64: the Mosaic GPU kernels tile heads in multiples of 64.
     cfg = models.get_config(
         "dense-tiny", head_dim=64, sliding_window=window, attention_impl="reference"
