@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.attention.tpu_decode import combine_partitions, visible_bounds  # shared with TPU
+
 _TILE_BYTES = 32 * 1024  # one K (or V) tile; x2 (K, V) x num_stages must fit ~200 KiB of SMEM
 _MAX_BLOCK_S = 256  # the largest TMA box dimension
 _TARGET_PROGRAMS = 132  # H100 SXM streaming multiprocessors
@@ -172,27 +174,6 @@ def _decode_kernel(
     )
 
 
-def _visible_bounds(lengths_B, S, sliding_window):
-    """Interleaved ``[start_0, end_0, start_1, ...]``: visible keys are ``start <= s < end``."""
-    lengths_B = lengths_B.astype(jnp.int32)
-    end_B = jnp.clip(lengths_B, 0, S)
-    if sliding_window is None:
-        start_B = jnp.zeros_like(end_B)
-    else:
-        start_B = jnp.clip(lengths_B - sliding_window, 0, S)
-    return jnp.stack([start_B, end_B], axis=1).reshape(-1)
-
-
-def _combine(m_BKPG, l_BKPG, o_BKPGH):
-    """Merges per-partition (max, sum, unnormalised output) in float32; empty rows -> 0."""
-    m_BKG = jnp.max(m_BKPG, axis=2)
-    m_BKG = jnp.where(jnp.isfinite(m_BKG), m_BKG, 0.0)
-    w_BKPG = jnp.exp(m_BKPG - m_BKG[:, :, None])  # exp(-inf) = 0 for empty partitions
-    l_BKG = jnp.sum(w_BKPG * l_BKPG, axis=2)
-    o_BKGH = jnp.sum(w_BKPG[..., None] * o_BKPGH, axis=2)
-    return o_BKGH / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
-
-
 @functools.partial(
     jax.jit, static_argnames=("sliding_window", "softcap", "scale", "block_sizes", "interpret")
 )
@@ -271,10 +252,10 @@ def decode_attention(
         grid_names=("b", "k", "p"),
         interpret=interpret,
     )(
-        _visible_bounds(lengths_B, S, sliding_window),
+        visible_bounds(lengths_B, S, sliding_window),
         q_BNH.reshape(B, K, G, H),
         k_BSKH,
         v_BSKH,
     )
-    o_BKGH = _combine(stats_BKPG4[..., 0], stats_BKPG4[..., 1], o_BKPGH)
+    o_BKGH = combine_partitions(stats_BKPG4[..., 0], stats_BKPG4[..., 1], o_BKPGH)
     return o_BKGH.reshape(B, N, H).astype(q_BNH.dtype)

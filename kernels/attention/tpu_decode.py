@@ -199,7 +199,7 @@ def _decode_kernel(
         m_ref[...] = m_new
 
 
-def _visible_bounds(lengths_B, S, sliding_window):
+def visible_bounds(lengths_B, S, sliding_window):
     """Interleaved ``[start_0, end_0, start_1, ...]``: visible keys are ``start <= s < end``."""
     lengths_B = lengths_B.astype(jnp.int32)
     end_B = jnp.clip(lengths_B, 0, S)
@@ -210,7 +210,7 @@ def _visible_bounds(lengths_B, S, sliding_window):
     return jnp.stack([start_B, end_B], axis=1).reshape(-1)
 
 
-def _combine(m_BCPR, l_BCPR, o_BCPRL):
+def combine_partitions(m_BCPR, l_BCPR, o_BCPRL):
     """Merges per-partition (max, sum, unnormalised output) in float32; empty rows -> 0."""
     m_BCR = jnp.max(m_BCPR, axis=2)
     m_BCR = jnp.where(jnp.isfinite(m_BCR), m_BCR, 0.0)
@@ -331,7 +331,7 @@ def _decode(q_BNH, k_BSKH, v_BSKH, ks_BSK, vs_BSK, lengths_B, sliding_window, so
     q_BCRL = (q_BChGH[:, :, :, :, None, :] * eye_hh[:, None, :, None]).reshape(B, C, R, L)
     k_BSL = k_BSKH.reshape(B, S, K * H)  # free: contiguous
     v_BSL = v_BSKH.reshape(B, S, K * H)
-    bounds = _visible_bounds(lengths_B, S, sliding_window)
+    bounds = visible_bounds(lengths_B, S, sliding_window)
 
     kv_block = functools.partial(
         _kv_block, block_s=block_s, num_partitions=P, num_blocks=num_blocks
@@ -393,7 +393,7 @@ def _decode(q_BNH, k_BSKH, v_BSKH, ks_BSK, vs_BSK, lengths_B, sliding_window, so
         name="decode_attention",
     )(*operands)
 
-    o_BCRL = _combine(max_BCPR1[..., 0], sum_BCPR1[..., 0], o_BCPRL)
+    o_BCRL = combine_partitions(max_BCPR1[..., 0], sum_BCPR1[..., 0], o_BCPRL)
     o_BChGhH = o_BCRL.reshape(B, C, hb, G, hb, H)
     o_BCGHh = jnp.diagonal(o_BChGhH, axis1=2, axis2=4)  # keep head h's own lanes
     return jnp.moveaxis(o_BCGHh, -1, 2).reshape(B, N, H).astype(q_BNH.dtype)

@@ -151,7 +151,7 @@ def test_only_visible_blocks_are_fetched_and_computed(window, num_partitions):
     num_blocks = -(-S // block_s)
     steps = -(-num_blocks // num_partitions)
     lengths = np.array([0, 1, 8, 9, 33, 64, 70])
-    bounds = tpu_decode._visible_bounds(jnp.asarray(lengths), S, window)
+    bounds = tpu_decode.visible_bounds(jnp.asarray(lengths), S, window)
     b, p, i = np.meshgrid(
         np.arange(len(lengths)), np.arange(num_partitions), np.arange(steps), indexing="ij"
     )
