@@ -12,8 +12,9 @@ S4096 N32 K32 H128 and decode B32 N32 K8 S8192 H128 (a full cache), in ``--dtype
 
 Record fields: ``op``, ``phase`` (``prefill`` / ``decode``), ``pass`` (``fwd`` / ``bwd``),
 ``shape`` (B, T, S, N, K, H, causal, dtype), ``impl``, ``device`` (``device_kind``),
-``backend``, ``jax``, ``seconds`` (median of ``--repeats`` timed calls after ``--warmup``
-calls, each ended by ``jax.block_until_ready``), and
+``backend``, ``jax``, ``seconds`` (per call: the median over ``--repeats`` samples after
+``--warmup`` calls, each sample ~5 ms of calls dispatched back to back and ended by
+``jax.block_until_ready``; see ``time_call``), and
 
 - prefill: ``flops`` and ``tflop_per_s``. FLOPs count the two matmuls, ``4·B·T·S·N·H``,
   halved when causal (the convention of BASELINES.md; masked blocks are not work). The
@@ -95,6 +96,7 @@ class Prepared:
     fn: Callable
     args: tuple
     to_standard: Callable = lambda out: out
+    note: str | None = None
 
 
 def _need_backend(*backends: str) -> None:
@@ -176,10 +178,13 @@ def _pallas_mgpu(shape, q, k, v):
     config = attention_mgpu.TuningConfig(
         block_q=64, block_kv=128, max_concurrent_steps=2, causal=shape.causal, **blocks
     )
-    # This kernel applies no softmax scale: scale q once, outside the timed call.
-    q_scaled = (q.astype(jnp.float32) * shape.H**-0.5).astype(q.dtype)
+    # This kernel applies no softmax scale: scale q once, outside the timed call. It takes
+    # float16 only (JAX 0.11.2): bfloat16 inputs are cast once, and the record says so.
+    dtype = jnp.float16 if q.dtype == jnp.bfloat16 else q.dtype
+    q_scaled = (q.astype(jnp.float32) * shape.H**-0.5).astype(dtype)
     fn = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, config))
-    return Prepared(fn, (q_scaled, k, v))
+    note = "ran in float16 (the kernel rejects bfloat16)" if dtype != q.dtype else None
+    return Prepared(fn, (q_scaled, k.astype(dtype), v.astype(dtype)), note=note)
 
 
 def _pallas_tpu_flash(shape, q, k, v):
@@ -242,14 +247,24 @@ DECODE_IMPLS = {
 
 
 def time_call(fn: Callable, args: Sequence, *, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` calls, after ``warmup`` calls."""
+    """Median seconds per call of ``fn(*args)`` over ``repeats`` samples, after ``warmup`` calls.
+
+    A sample dispatches ``inner`` calls back to back and waits for the last, with ``inner``
+    chosen so that a sample lasts about 5 ms: sub-millisecond kernels are then timed by their
+    throughput rather than by one host round trip each (which would add its ~10-50 us).
+    """
     for _ in range(max(warmup, 1)):  # the first call compiles
+        start = time.perf_counter()
         jax.block_until_ready(fn(*args))
+        estimate = time.perf_counter() - start
+    inner = int(min(max(5e-3 / max(estimate, 1e-6), 1), 100))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
 
@@ -309,6 +324,8 @@ def bench_attention_shape(shape, *, dtype, passes, impls, repeats, warmup, emit)
             }
             try:
                 prepared = build(shape, *inputs)
+                if prepared.note:
+                    record["note"] = prepared.note
                 fn = prepared.fn if pass_ == "fwd" else _grad_of(prepared.fn)
                 seconds = time_call(fn, prepared.args, repeats=repeats, warmup=warmup)
                 record["seconds"] = seconds

@@ -16,8 +16,9 @@ Implementations (``impl``):
   ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper, ``gpu.py``, ``gpu_decode.py``), on a
                  GPU or with ``interpret=True``; ``attention`` is forward only so far (its
                  gradient raises) and takes bfloat16/float16 on the GPU.
-  ``auto``       the best path available on the running backend (``xla`` until the Pallas
-                 kernels of the attention issue land).
+  ``auto``       the best path available on the running backend: ``pallas_tpu`` on a TPU;
+                 ``pallas_gpu`` on a Hopper GPU for bfloat16/float16 with ``H`` a multiple of 64
+                 up to 256; ``xla`` otherwise, and for ``cached_attention`` (no Pallas route).
 
 Unsupported (impl, option) pairs raise ``ValueError`` naming the option; no path silently falls
 back to another.
@@ -42,10 +43,30 @@ _JNP_IMPLS = ("reference", "xla")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, q=None, *, pallas: bool = True) -> str:
+    """``impl``, with ``auto`` resolved for query ``q`` on the running backend: the Pallas TPU
+    kernels on a TPU; on a Hopper GPU (compute capability 9.x, for wgmma) the Pallas Mosaic
+    GPU kernels for float16/bfloat16 with ``H`` a multiple of 64 up to 256; else ``xla``.
+    ``pallas=False`` (an op with no Pallas route) always resolves to ``xla``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {list(IMPLS)}")
-    return "xla" if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if not pallas or q is None:
+        return "xla"
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu" and _is_hopper() and q.dtype in (jnp.bfloat16, jnp.float16):
+        H = q.shape[-1]
+        if H % 64 == 0 and H <= 256:
+            return "pallas_gpu"
+    return "xla"
+
+
+def _is_hopper() -> bool:
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    return capability.startswith("9.")
 
 
 def _require_jnp(impl: str, op: str, others: tuple[str, ...] = ()) -> None:
@@ -123,6 +144,11 @@ def _check_qkv(q, k, v, q_name: str, q_rank: int) -> None:
     for name, a in ((q_name, q), ("k", k), ("v", v)):
         if a.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be a float array, got {a.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(
+            f"{q_name}, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}; "
+            "cast them first"
+        )
 
 
 def _check_lengths(lengths, B: int, name: str) -> None:
@@ -171,8 +197,8 @@ def attention(
       ``[B, T, N, H]`` in the dtype of ``q``. Rows with no visible key are zeros (for
       ``cudnn``, whatever cuDNN returns).
     """
-    impl = _resolve_impl(impl)
     _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
+    impl = _resolve_impl(impl, q_BTNH)
     _check_options(sliding_window, softcap)
     B, T, _, H = q_BTNH.shape
     S = k_BSKH.shape[1]
@@ -221,8 +247,8 @@ def decode_attention(
     Returns:
       ``[B, N, H]`` in the dtype of ``q``.
     """
-    impl = _resolve_impl(impl)
     _check_qkv(q_BNH, k_BSKH, v_BSKH, "q_BNH", 3)
+    impl = _resolve_impl(impl, q_BNH)
     _check_options(sliding_window, softcap)
     _check_lengths(lengths_B, q_BNH.shape[0], "lengths_B")
     if scale is None:
@@ -281,7 +307,7 @@ def cached_attention(
       ``[B, T, N, H]`` in the dtype of ``q``.
     """
     del interpret
-    impl = _resolve_impl(impl)
+    impl = _resolve_impl(impl, pallas=False)
     _require_jnp(impl, "cached_attention")
     _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
     _check_options(sliding_window, softcap)

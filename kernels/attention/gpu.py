@@ -1,27 +1,40 @@
-"""Flash attention forward as a Pallas Mosaic GPU (Hopper) kernel; inference / prefill only.
+"""Flash attention forward as Pallas Mosaic GPU (Hopper) kernels.
 
 Online-softmax attention (Dao et al. 2022, arXiv:2205.14135, Algorithm 1) with float32
-statistics, shaped for H100: the grid is ``(B, N, ceil(T / block_q))``; a program holds one
-``[block_q, H]`` query tile of one query head in SMEM and streams the ``[block_kv, H]`` K/V tiles
-of its kv head ``n // G`` (GQA/MQA without repeating K/V) from HBM through a
-``plgpu.emit_pipeline`` TMA pipeline of ``num_stages`` SMEM buffers. Both matmuls are warpgroup
-MMAs (``plgpu.wgmma``): ``Q K^T`` from SMEM into a float32 accumulator, ``P V`` with ``P`` cast to
-the input dtype in registers; one warpgroup, ``block_q = 64`` rows by default. Masked tiles are
-never fetched: per (sequence, query block) the wrapper computes the contiguous range of kv
-tiles holding a visible key (causal diagonal, sliding window, ``lengths``;
-``tpu.kv_block_ranges``) and the pipeline's step count is that run-time count.
+statistics. The grid is ``(B, N, ceil(T / rows))``; a program holds query tiles of one query
+head in SMEM and streams the ``[block_kv, H]`` K/V tiles of its kv head ``n // G`` (GQA/MQA
+without repeating K/V) from HBM through a TMA pipeline of ``num_stages`` SMEM buffers. Both
+matmuls are warpgroup MMAs (``plgpu.wgmma``): ``Q K^T`` from SMEM into a float32 accumulator,
+``P V`` with ``P`` cast to the input dtype in registers. Two kernels share that tile step
+(``attend_tile``):
 
-``T`` is padded up to ``block_q`` in the wrapper (a copy of ``q`` only); ``S`` is not padded:
-the partial last K/V tile relies on TMA's out-of-bounds zero fill (interpret mode is told to
-fill zeros too) and its keys are masked in the logits. Semantics are those of
-``reference.masked_attention``. There is no backward: ``jax.grad`` raises a ``ValueError``.
+- one warpgroup of ``block_q = 64`` rows that issues its own copies (``plgpu.emit_pipeline``);
+  the kernel for ``H = 256`` and for interpret mode;
+- warp-specialized, in the manner of FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608):
+  two compute warpgroups of 64 rows each share every K/V tile, which a third, producer
+  warpgroup fetches (``plgpu.emit_pipeline_warp_specialized``; the producer gives its registers
+  to the compute warpgroups). The default for ``H <= 128``: 128-key tiles, three stages.
+
+Masked tiles are never fetched: per (sequence, query block) the wrapper computes the contiguous
+range of kv tiles holding a visible key (causal diagonal, sliding window, ``lengths``;
+``tpu.kv_block_ranges``) and the pipeline's step count is that run-time count. Within the
+range, only tiles that straddle a mask boundary pay for the per-element mask (a ``lax.cond``);
+logits live in base 2 so that each element costs one fused multiply-add and one ``exp2``.
+
+``T`` is padded up to the rows of a program in the wrapper (a copy of ``q`` only); ``S`` is
+padded to a multiple of 8 only when it is not one (the TMA tiling needs it); the partial last
+K/V tile relies on TMA's out-of-bounds zero fill (interpret mode is told to fill zeros too) and
+its keys are masked. Semantics are those of ``reference.masked_attention``. The backward
+(``gpu_bwd.py``) rebuilds ``P`` from the forward's log-sum-exp, which the forward writes when
+differentiated.
 
 float16 / bfloat16 only on GPU: a float32 (tf32) wgmma takes neither ``P`` from registers nor
-``V`` MN-major. Mosaic GPU interpret mode (CPU) runs everything except the wgmmas: its wgmma
-rule takes neither transposed SMEM refs nor register operands, so ``_matmul`` swaps in a float32
-``dot_general`` when interpreting (float32 inputs then work too), and the layout casts, which
-it has no rule for, are skipped. Validated on CPU in interpret mode and by cross-lowering for
-CUDA (``tests/kernels/test_attention_gpu.py``)::
+``V`` MN-major. Mosaic GPU interpret mode (CPU) runs the one-warpgroup kernel except its
+wgmmas: its wgmma rule takes neither transposed SMEM refs nor register operands, so
+``_matmul`` swaps in a float32 ``dot_general`` when interpreting (float32 inputs then work too),
+and the layout casts, which it has no rule for, are skipped. Validated on CPU in interpret mode
+and by cross-lowering for CUDA (``tests/kernels/test_attention_gpu.py``), and on one H100 by
+``python -m kernels.gpucheck`` (README, "Measured")::
 
     out_BTNH = flash_attention(q, k, v, causal=True, sliding_window=256, interpret=True)
 """
@@ -40,10 +53,15 @@ from kernels.attention.tpu import kv_block_ranges
 
 # Finite stand-in for -inf: keeps exp(m_prev - m_new) free of inf - inf before any key is seen.
 MASK_VALUE = -1e30
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Interior tiles (every key visible to every row) skip the mask; False masks every tile.
+SKIP_INTERIOR_MASKS = True
 _MAX_TMA_BOX = 256
+_SMEM_LIMIT = 227 * 1024  # per block on H100 (sharedMemPerBlockOptin)
 # float32 would be a tf32 wgmma, which takes neither a register A operand (P) nor an
 # MN-major B operand (V); only interpret mode, whose matmuls are dot_generals, runs float32.
-_WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def _interpret_params():
@@ -62,14 +80,19 @@ class BlockSizes:
     """Tiling of the GPU flash-attention forward.
 
     Attributes:
-      block_q: query rows per program; a multiple of 64 (the rows of one warpgroup MMA).
+      block_q: query rows per compute warpgroup; a multiple of 64 (the rows of one wgmma).
       block_kv: keys per K/V tile; a multiple of 64, at most 256 (one TMA box).
       num_stages: SMEM buffers of the K/V TMA pipeline (copies in flight).
+      compute_warpgroups: 1 runs one warpgroup that issues its own copies; 2 runs the
+        warp-specialized kernel (FlashAttention-3 style, Shah et al. 2024, arXiv:2407.08608):
+        two compute warpgroups on ``2 * block_q`` rows share each K/V tile, which a third,
+        producer warpgroup fetches with TMA, and the compute warpgroups get its registers.
     """
 
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
+    compute_warpgroups: int = 1
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -80,12 +103,25 @@ class BlockSizes:
                 )
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.block_q * self.compute_warpgroups
 
     @classmethod
-    def for_shape(cls, T: int, S: int, H: int, dtype) -> BlockSizes:
-        """``block_q = 64``; K/V tiles of at most 32 KiB each, capped by ``S`` rounded up."""
+    def for_shape(cls, T: int, S: int, H: int, dtype, interpret: bool = False) -> BlockSizes:
+        """The tiling measured fastest on H100 (``kernels.gpucheck``, README): the
+        warp-specialized kernel with three stages of 128-key tiles for ``H <= 128``; one
+        warpgroup and 64-key tiles for ``H = 256`` (register room) and in interpret mode (which
+        runs one warpgroup only). Tiles are capped by ``S`` rounded up to 64."""
         block_kv = 128 if H * jnp.dtype(dtype).itemsize <= 256 else 64
-        return cls(block_q=64, block_kv=min(block_kv, -(-S // 64) * 64), num_stages=2)
+        block_kv = min(block_kv, -(-S // 64) * 64)
+        if interpret or H > 128:
+            return cls(block_q=64, block_kv=block_kv, num_stages=2)
+        return cls(block_q=64, block_kv=block_kv, num_stages=3, compute_warpgroups=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +136,7 @@ class _Config:
     interpret: bool
 
 
-def _smem_transforms(H: int, dtype):
+def smem_transforms(H: int, dtype):
     itemsize = jnp.dtype(dtype).itemsize
     swizzle = min(128, H * itemsize)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -127,7 +163,109 @@ def _matmul(a, b_smem, *, transpose_b: bool, interpreting: bool):
     return pl.run_scoped(mma, plgpu.ACC((M, N), jnp.float32))
 
 
-def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: _Config, G: int, num_q: int):
+def attend_tile(q, k_smem, v_smem, carry, mask, *, scale, softcap, interpreting):
+    """One online-softmax step (Dao et al. 2022, Algorithm 1) over a ``[bk, H]`` K/V tile.
+
+    ``q`` is the ``[R, H]`` query tile (SMEM ref), ``carry`` the float32 ``(acc [R, H], max [R],
+    sum [R])`` in the WGMMA register layouts and ``mask`` the ``[R, bk]`` visible keys, or
+    ``None`` for a tile whose keys all rows see (no per-element select). Logits are
+    ``softcap(scale * q k)``, kept in base 2 (times ``log2 e``, so the max is too) so that each
+    element costs one fused multiply-add and one ``exp2``; ``P`` is cast to the input dtype for
+    the ``P V`` wgmma.
+    """
+    acc, m_prev, l_prev = carry
+    s = _matmul(q, k_smem, transpose_b=True, interpreting=interpreting)
+    if softcap is not None:
+        s = (softcap * LOG2E) * jnp.tanh(s * (scale / softcap))
+        c = 1.0
+    else:
+        c = scale * LOG2E  # applied inside the exponent below (scale > 0 keeps the max)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE / c)  # MASK_VALUE once scaled
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1) * c)
+    # A row with no visible key yet keeps m near MASK_VALUE: subtracting 0 there instead makes
+    # its masked entries exp2(MASK_VALUE) = 0 rather than exp2(0) = 1.
+    m_use = jnp.where(m_new < 0.5 * MASK_VALUE, 0.0, m_new)
+    p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_use, s.shape, (0,)))
+    alpha = jnp.exp2(m_prev - m_use)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    # The wgmma runs into a fresh accumulator (plus one register add): accumulating into ``acc``
+    # in place needs ``run_state``, which the interpreter cannot run.
+    pv_tile = _matmul(p.astype(v_smem.dtype), v_smem, transpose_b=False, interpreting=interpreting)
+    acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) + pv_tile
+    return acc, m_new, l_new
+
+
+def attend_tile_masked_if(partial, mask_fn, q, k_smem, v_smem, carry, **kw):
+    """``attend_tile`` with the mask applied only when the scalar ``partial`` says the tile has
+    invisible keys (a ``lax.cond``): interior tiles skip the per-element select. Set
+    ``SKIP_INTERIOR_MASKS = False`` to mask every tile."""
+    if not SKIP_INTERIOR_MASKS:
+        return attend_tile(q, k_smem, v_smem, carry, mask_fn(), **kw)
+    return jax.lax.cond(
+        partial,
+        lambda c: attend_tile(q, k_smem, v_smem, c, mask_fn(), **kw),
+        lambda c: attend_tile(q, k_smem, v_smem, c, None, **kw),
+        carry,
+    )
+
+
+def normalize(acc, l_sum):
+    """``acc / l`` per row; rows with no visible key (``l = 0``) give 0, like the reference."""
+    inv = jnp.where(l_sum > 0.0, 1.0 / jnp.where(l_sum > 0.0, l_sum, 1.0), 0.0)
+    return acc * jax.lax.broadcast_in_dim(inv, acc.shape, (0,))
+
+
+def pad_keys(k_BSKH, v_BSKH):
+    """Pads ``S`` to a multiple of 8 (a copy, only when needed): the TMA tiling of a K/V tile
+    needs it on the hardware. Callers mask the padded keys (they lie past every length)."""
+    S = k_BSKH.shape[1]
+    if S % 8 == 0:
+        return k_BSKH, v_BSKH
+    pad = ((0, 0), (0, -S % 8), (0, 0), (0, 0))
+    return jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
+
+
+def _tile_is_partial(cfg: _Config, q_first, q_last, k_first, bk, kv_len):
+    """Whether some key of tile ``[k_first, k_first + bk)`` is invisible to some query at
+    positions ``q_first..q_last`` (scalars)."""
+    partial = k_first + bk > kv_len
+    if cfg.causal:
+        partial |= k_first + bk - 1 > q_first
+    if cfg.sliding_window is not None:
+        partial |= k_first <= q_last - cfg.sliding_window
+    return partial
+
+
+def _tile_mask(cfg: _Config, pos_q, pos_k, kv_len):
+    """Visible keys of a ``[rows, bk]`` tile from the query and key positions."""
+    mask = pos_k < kv_len
+    if cfg.causal:
+        mask &= pos_k <= pos_q
+    if cfg.sliding_window is not None:
+        mask &= pos_k > pos_q - cfg.sliding_window
+    return mask
+
+
+def _lse(m, l_sum):
+    """Natural log-sum-exp of a row from ``attend_tile``'s base-2 max and sum (0 when empty)."""
+    return jnp.where(l_sum > 0.0, (m + jnp.log2(jnp.where(l_sum > 0.0, l_sum, 1.0))) * LN2, 0.0)
+
+
+def _write_rows(qo_smem, lse_smem, acc, m, l_sum, o_ref, lse_ref, b, n, q_rows):
+    """The normalised output tile (through the query's SMEM) and, when asked, its lse row."""
+    qo_smem[...] = normalize(acc, l_sum).astype(o_ref.dtype)
+    if lse_ref is not None:
+        lse_smem[...] = _lse(m, l_sum)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, q_rows, n])
+    if lse_ref is not None:
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *rest, cfg: _Config, G: int, num_q: int):
+    lse_ref = rest[0] if rest else None
     _cast = (lambda x, layout: x) if cfg.interpret else plgpu.layout_cast
     L = plgpu.Layout.WGMMA
     ROW = L.reduce(1)
@@ -139,7 +277,7 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: _Config, G: int, n
     kh = jax.lax.div(n, G)
     q_rows = pl.ds(i * bq, bq)
 
-    def scoped(qo_smem, q_barrier):
+    def scoped(qo_smem, q_barrier, *lse_smem):
         plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, n], qo_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
         # Query t sits at position S - T + t (rows of the padding never reach the output).
@@ -149,81 +287,156 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: _Config, G: int, n
 
         def body(indices, k_smem, v_smem, carry):
             (j,) = indices
-            acc, m_prev, l_prev = carry
+            k_first = (first + j) * bk
+            q_first = (cfg.S - cfg.T) + i * bq
+            return attend_tile_masked_if(
+                _tile_is_partial(cfg, q_first, q_first + bq - 1, k_first, bk, kv_len),
+                lambda: _tile_mask(cfg, pos_q, k_first + col, kv_len),
+                qo_smem, k_smem, v_smem, carry, scale=cfg.scale, softcap=cfg.softcap,
+                interpreting=cfg.interpret,
+            )  # fmt: skip
 
-            s = _matmul(qo_smem, k_smem, transpose_b=True, interpreting=cfg.interpret) * cfg.scale
-            if cfg.softcap is not None:
-                s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-            pos_k = (first + j) * bk + col
-            mask = pos_k < kv_len
-            if cfg.causal:
-                mask &= pos_k <= pos_q
-            if cfg.sliding_window is not None:
-                mask &= pos_k > pos_q - cfg.sliding_window
-            s = jnp.where(mask, s, MASK_VALUE)
-            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-            # Masked entries are zeroed explicitly: a row with no visible key yet has m_new
-            # equal to MASK_VALUE, where exp(s - m_new) would be 1.
-            p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_new, s.shape, (0,))), 0.0)
-            alpha = jnp.exp(m_prev - m_new)
-            l_new = alpha * l_prev + jnp.sum(p, axis=1)
-
-            # The wgmma runs into a fresh accumulator (plus one register add): accumulating into
-            # ``acc`` in place needs ``run_state``, which the interpreter cannot run.
-            pv_tile = _matmul(
-                p.astype(v_smem.dtype), v_smem, transpose_b=False, interpreting=cfg.interpret
-            )
-            acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) + pv_tile
-            return acc, m_new, l_new
-
-        transforms = _smem_transforms(H, k_ref.dtype)
+        transforms = smem_transforms(H, k_ref.dtype)
         spec = plgpu.BlockSpec((bk, H), lambda j: (first + j, 0), transforms=transforms)
         init = (
             _cast(jnp.zeros((bq, H), jnp.float32), L),
             _cast(jnp.full((bq,), MASK_VALUE, jnp.float32), ROW),
             _cast(jnp.zeros((bq,), jnp.float32), ROW),
         )
-        acc, _, l_sum = plgpu.emit_pipeline(
+        acc, m, l_sum = plgpu.emit_pipeline(
             body,
             grid=(count,),
             in_specs=[spec, spec],
             max_concurrent_steps=cfg.block_sizes.num_stages,
             init_carry=init,
         )(k_ref.at[b, :, kh, :], v_ref.at[b, :, kh, :])
-        # Rows with no visible key (l = 0) give 0, like the reference.
-        inv = jnp.where(l_sum > 0.0, 1.0 / jnp.where(l_sum > 0.0, l_sum, 1.0), 0.0)
-        qo_smem[...] = (acc * jax.lax.broadcast_in_dim(inv, acc.shape, (0,))).astype(o_ref.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, q_rows, n])
-        plgpu.wait_smem_to_gmem(0)
+        lse = lse_smem[0] if lse_smem else None
+        _write_rows(qo_smem, lse, acc, m, l_sum, o_ref, lse_ref, b, n, q_rows)
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((bq, H), q_ref.dtype, transforms=_smem_transforms(H, q_ref.dtype)),
+        plgpu.SMEM((bq, H), q_ref.dtype, transforms=smem_transforms(H, q_ref.dtype)),
         plgpu.Barrier(num_barriers=1),
+        *([plgpu.SMEM((bq,), jnp.float32)] if lse_ref is not None else []),
     )
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config):
+def _fwd_kernel_ws(meta_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, G: int, num_q: int):
+    """Warp-specialized forward: warpgroups 0 and 1 compute ``block_q`` rows each, warpgroup 2
+    streams the K/V tiles both of them read (``plgpu.emit_pipeline_warp_specialized``)."""
+    if len(refs) == 5:
+        o_ref, lse_ref, qo_smem, q_barrier, lse_smem = refs
+    else:
+        (o_ref, qo_smem, q_barrier), lse_ref, lse_smem = refs, None, None
+    L = plgpu.Layout.WGMMA
+    ROW = L.reduce(1)
+    b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
+    bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
+    H = q_ref.shape[3]
+    row = 3 * (b * num_q + i)
+    first, count, kv_len = meta_ref[row], meta_ref[row + 1], meta_ref[row + 2]
+    kh = jax.lax.div(n, G)
+
+    def compute(pipeline):
+        wg = jax.lax.axis_index("wg")
+        q_rows = pl.ds(i * (2 * bq) + wg * bq, bq)
+        q_smem = qo_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, n], q_smem, q_barrier.at[wg])
+        plgpu.barrier_wait(q_barrier.at[wg])
+        init = (
+            plgpu.layout_cast(jnp.zeros((bq, H), jnp.float32), L),
+            plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), ROW),
+            plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW),
+        )
+        acc, m, l_sum = pipeline(init)
+        lse = None if lse_smem is None else lse_smem.at[wg]
+        _write_rows(q_smem, lse, acc, m, l_sum, o_ref, lse_ref, b, n, q_rows)
+
+    def body(indices, k_smem, v_smem, carry):
+        (j,) = indices
+        wg = jax.lax.axis_index("wg")
+        row_iota = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0), L)
+        col = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1), L)
+        q_first = (cfg.S - cfg.T) + i * (2 * bq) + wg * bq
+        k_first = (first + j) * bk
+        return attend_tile_masked_if(
+            _tile_is_partial(cfg, q_first, q_first + bq - 1, k_first, bk, kv_len),
+            lambda: _tile_mask(cfg, q_first + row_iota, k_first + col, kv_len),
+            qo_smem.at[wg], k_smem, v_smem, carry, scale=cfg.scale, softcap=cfg.softcap,
+            interpreting=False,
+        )  # fmt: skip
+
+    spec = plgpu.BlockSpec(
+        (bk, H), lambda j: (first + j, 0), transforms=smem_transforms(H, k_ref.dtype)
+    )
+    plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(count,),
+        memory_registers=40,
+        in_specs=[spec, spec],
+        max_concurrent_steps=cfg.block_sizes.num_stages,
+        wg_axis="wg",
+        num_compute_wgs=2,
+        compute_context=compute,
+    )(k_ref.at[b, :, kh, :], v_ref.at[b, :, kh, :])
+
+
+def _smem_bytes(bs: BlockSizes, H: int, dtype, with_lse: bool) -> int:
+    """SMEM of one forward program: query tiles, K/V stages, lse rows, ~3 KiB of barriers and
+    alignment (as measured against Mosaic GPU's own count)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    tiles = (bs.rows + 2 * bs.num_stages * bs.block_kv) * H * itemsize
+    return tiles + (4 * bs.rows if with_lse else 0) + 3 * 1024
+
+
+def _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config, with_lse: bool = False):
+    """``out [B, T, N, H]``, and ``lse [B, N, T]`` (float32, natural log) ``with_lse``."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
+    bs = cfg.block_sizes
+    while with_lse and bs.num_stages > 1 and _smem_bytes(bs, H, q_BTNH.dtype, True) > _SMEM_LIMIT:
+        bs = dataclasses.replace(bs, num_stages=bs.num_stages - 1)  # room for the lse rows
+    cfg = dataclasses.replace(cfg, block_sizes=bs)
+    rows, bk = cfg.block_sizes.rows, cfg.block_sizes.block_kv
     first_BQ, count_BQ = kv_block_ranges(
-        kv_len_B, T=T, S=cfg.S, block_q=bq, block_kv=bk, causal=cfg.causal,
+        kv_len_B, T=T, S=cfg.S, block_q=rows, block_kv=bk, causal=cfg.causal,
         sliding_window=cfg.sliding_window,
     )  # fmt: skip
     num_q = first_BQ.shape[1]
     meta = jnp.stack([first_BQ, count_BQ, jnp.broadcast_to(kv_len_B[:, None], first_BQ.shape)], -1)
-    Tp = num_q * bq
+    Tp = num_q * rows
     q = jnp.pad(q_BTNH, ((0, 0), (0, Tp - T), (0, 0), (0, 0))) if Tp != T else q_BTNH
-    out = plgpu.kernel(
-        functools.partial(_fwd_kernel, cfg=cfg, G=N // K, num_q=num_q),
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    k_BSKH, v_BSKH = pad_keys(k_BSKH, v_BSKH)
+    kw = {}
+    kernel = _fwd_kernel
+    if cfg.block_sizes.compute_warpgroups == 2:
+        if cfg.interpret:
+            raise ValueError("compute_warpgroups=2 has no interpret mode; use 1")
+        kernel = _fwd_kernel_ws
+        bq = cfg.block_sizes.block_q
+        kw = dict(
+            num_threads=3,
+            thread_name="wg",
+            scratch_types=[
+                plgpu.SMEM((2, bq, H), q.dtype, transforms=smem_transforms(H, q.dtype)),
+                plgpu.Barrier(num_barriers=2),
+                *([plgpu.SMEM((2, bq), jnp.float32)] if with_lse else []),
+            ],
+        )
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if with_lse:
+        out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
+    outs = plgpu.kernel(
+        functools.partial(kernel, cfg=cfg, G=N // K, num_q=num_q),
+        out_type=tuple(out_type),
         grid=(B, N, num_q),
         grid_names=("b", "n", "q"),
         interpret=_interpret_params() if cfg.interpret else None,
+        **kw,
     )(meta.reshape(-1).astype(jnp.int32), q, k_BSKH, v_BSKH)
-    return out[:, :T]
+    if with_lse:
+        return outs[0][:, :T], outs[1][:, :, :T]
+    return outs[0][:, :T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -291,7 +504,7 @@ def flash_attention(
         raise ValueError(
             f"q, k, v must share a dtype, got {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}"
         )
-    if not interpret and jnp.dtype(q_BTNH.dtype) not in _WGMMA_DTYPES:
+    if not interpret and jnp.dtype(q_BTNH.dtype) not in WGMMA_DTYPES:
         raise ValueError(
             f"pallas_gpu flash attention needs float16 or bfloat16 inputs (wgmma), got "
             f"{q_BTNH.dtype}; cast, or use impl='cudnn' or 'xla'"
@@ -305,7 +518,7 @@ def flash_attention(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
     if block_sizes is None:
-        block_sizes = BlockSizes.for_shape(T, S, H, q_BTNH.dtype)
+        block_sizes = BlockSizes.for_shape(T, S, H, q_BTNH.dtype, interpret=interpret)
     if lengths is None:
         kv_len_B = jnp.full((B,), S, jnp.int32)
     else:

@@ -2,26 +2,26 @@
 
 Split-K ("flash-decoding", Dao et al. 2023, https://pytorch.org/blog/flash-decoding/) over the
 model's cache layout ``[B, S, K, H]``: the grid is ``(B, K, P)``. Each program holds the
-``G = N // K`` queries of one kv head and streams ``[block_s, H]`` K/V tiles of that head from
-HBM through a ``plgpu.emit_pipeline`` TMA pipeline of ``num_stages`` SMEM buffers, so a tile is
-read once for every query head of its group (GQA/MQA as in Pope et al. 2022 §3.3). The visible
-key range of each sequence is split evenly over ``P`` partitions at run time (the pipeline's
-step count is dynamic: tiles past ``lengths[b]`` or before the window are never fetched); each
-partition keeps float32 online-softmax statistics (max, sum, unnormalised output) in registers
-and a jnp combine in the wrapper merges them.
+``G = N // K`` queries of one kv head as the rows of a ``[R, H]`` tile (``G`` zero-padded to
+``R``, a multiple of the 64 rows of a warpgroup MMA) and streams ``[block_s, H]`` K/V tiles of
+that head from HBM through a ``plgpu.emit_pipeline`` TMA pipeline of ``num_stages`` SMEM
+buffers, so a tile is read once for every query head of its group (GQA/MQA as in Pope et al.
+2022 §3.3). Each tile is one online-softmax step of the flash forward (``gpu.attend_tile``: two
+wgmmas, float32 statistics); the padded rows cost tensor-core time that decode, bound by the
+K/V bytes, has to spare. The visible key range of each sequence is split evenly over ``P``
+partitions at run time (the pipeline's step count is dynamic: tiles past ``lengths[b]`` or
+before the window are never fetched). With ``P == 1`` the kernel writes the normalised output;
+otherwise each partition writes float32 (max, sum, unnormalised output) and a jnp combine
+merges them.
 
-The ``G x block_s`` logits and ``G x H`` output are tiny matmuls (G is 1-8 in practice, far
-below the 64 rows of a wgmma), so the kernel computes them in float32 registers, one query head
-at a time (a static loop over ``G``): the tile is loaded in the WGMMA register layout, the
-logits are a broadcast-multiply and a row reduction, ``p @ V`` a broadcast-multiply and a
-column reduction. Decode is bound by the K/V bytes streamed, not by these FLOPs. ``S`` need not be a
-multiple of ``block_s``: the partial last tile is read with TMA's out-of-bounds zero fill, and
-positions outside ``[max(0, len - w), len)`` are masked in the logits and zeroed in V, so
-garbage in the cache never reaches the output.
+Positions outside ``[max(0, len - w), len)`` are masked in the logits; in a tile that straddles
+either end, the invisible V rows are zeroed in SMEM first, so garbage in the cache (NaN, inf)
+never reaches the output. ``S`` is padded to a multiple of 8 only when it is not one (a copy;
+the TMA tiling needs it); a partial last tile is read with TMA's out-of-bounds zero fill.
 
-Validated on CPU with Mosaic GPU interpret mode and by cross-lowering to Mosaic GPU for CUDA
-(``tests/kernels/test_decode_gpu.py``); not yet compiled or run on GPU hardware. The interpreter
-has no rule for ``plgpu.layout_cast``, so the layout casts are skipped when interpreting. Example::
+float16 / bfloat16 on GPU (wgmma); interpret mode (CPU) also runs float32, with the wgmmas
+swapped for ``dot_general`` and the layout casts skipped (``gpu._matmul``). Measured on one
+H100 by ``python -m kernels.gpucheck``. Example::
 
     out_BNH = decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, interpret=True)
 """
@@ -36,10 +36,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.attention import gpu
 from kernels.attention.tpu_decode import combine_partitions, visible_bounds  # shared with TPU
 
 _TILE_BYTES = 32 * 1024  # one K (or V) tile; x2 (K, V) x num_stages must fit ~200 KiB of SMEM
 _MAX_BLOCK_S = 256  # the largest TMA box dimension
+_LN2 = 0.6931471805599453
+_SMEM_BUDGET = 200 * 1024  # of the 227 KiB a block may use on H100
 _TARGET_PROGRAMS = 132  # H100 SXM streaming multiprocessors
 
 
@@ -81,14 +84,23 @@ class DecodeBlockSizes:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     @classmethod
-    def default(cls, *, B: int, S: int, K: int, H: int, dtype) -> DecodeBlockSizes:
-        """Tiles of about 32 KiB (64-256 rows, <= S rounded up); ~132 parallel programs."""
-        block_s = max(64, min(_MAX_BLOCK_S, _TILE_BYTES // (H * jnp.dtype(dtype).itemsize)))
+    def default(cls, *, B: int, S: int, K: int, H: int, dtype, G: int = 1) -> DecodeBlockSizes:
+        """Tiles of about 32 KiB (64-256 rows, <= S rounded up), halved while the SMEM of ``G``
+        query heads and two stages exceeds ~200 KiB; ~132 parallel programs."""
+        itemsize = jnp.dtype(dtype).itemsize
+        block_s = max(64, min(_MAX_BLOCK_S, _TILE_BYTES // (H * itemsize)))
         block_s = 1 << (block_s.bit_length() - 1)
         block_s = min(block_s, pl.cdiv(S, 64) * 64)
-        num_blocks = pl.cdiv(S, block_s)
-        num_partitions = max(1, min(num_blocks, pl.cdiv(_TARGET_PROGRAMS, B * K)))
-        return cls(block_s=block_s, num_partitions=num_partitions, num_stages=2)
+        R = pl.cdiv(G, 64) * 64
+        while True:
+            num_partitions = max(1, min(pl.cdiv(S, block_s), pl.cdiv(_TARGET_PROGRAMS, B * K)))
+            smem = (R * H + 2 * 2 * block_s * H) * itemsize
+            smem += (R * H + 2 * R) * 4 if num_partitions > 1 else 0
+            if smem <= _SMEM_BUDGET:
+                return cls(block_s=block_s, num_partitions=num_partitions, num_stages=2)
+            if block_s == 64:  # H = 256 with partitions: one stage fits
+                return cls(block_s=64, num_partitions=num_partitions, num_stages=1)
+            block_s //= 2
 
 
 def _partition_blocks(start, end, p, *, block_s, num_partitions):
@@ -101,76 +113,81 @@ def _partition_blocks(start, end, p, *, block_s, num_partitions):
 
 
 def _decode_kernel(
-    bounds_ref, q_ref, k_ref, v_ref, stats_ref, o_ref, *, block_s, num_partitions,
-    num_stages, scale, softcap, interpreting,
+    bounds_ref, q_ref, k_ref, v_ref, *out_refs, block_s, num_partitions, num_stages, scale,
+    softcap, interpreting,
 ):  # fmt: skip
     # Register layouts guide the Mosaic GPU lowering; the interpreter has no layout_cast rule.
     _cast = (lambda x, layout: x) if interpreting else plgpu.layout_cast
+    L = plgpu.Layout.WGMMA
     b, h, p = jax.lax.axis_index("b"), jax.lax.axis_index("k"), jax.lax.axis_index("p")
     start, end = bounds_ref[2 * b], bounds_ref[2 * b + 1]
     first, count = _partition_blocks(start, end, p, block_s=block_s, num_partitions=num_partitions)
-    G, H = q_ref.shape[2], q_ref.shape[3]
+    R, H = q_ref.shape[2], q_ref.shape[3]
+    transforms = gpu.smem_transforms(H, q_ref.dtype)
 
-    def scoped(q_smem, stats_smem, o_smem, q_barrier):
+    def scoped(q_smem, q_barrier, *out_smem):
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
-        L = plgpu.Layout.WGMMA
-        ROW, COL = L.reduce(1), L.reduce(0)
+        col_RS = _cast(jax.lax.broadcasted_iota(jnp.int32, (R, block_s), 1), L)
+        row_SH = _cast(jax.lax.broadcasted_iota(jnp.int32, (block_s, H), 0), L)
 
         def body(indices, k_smem, v_smem, carry):
             (i,) = indices
-            iota_S = _cast(jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0), ROW)
-            pos_S = (first + i) * block_s + iota_S
-            visible_S = (pos_S >= start) & (pos_S < end)
-            k_SH = _cast(k_smem[...], L).astype(jnp.float32)
-            v_SH = _cast(v_smem[...], L).astype(jnp.float32)
-            # Zero invisible V rows: 0 * NaN in the cache would otherwise poison the output.
-            v_SH = jnp.where(jax.lax.broadcast_in_dim(visible_S, (block_s, H), (0,)), v_SH, 0.0)
-            new = []
-            for g, (m, sum_, o_H) in enumerate(carry):
-                q_H = _cast(q_smem[g], COL).astype(jnp.float32) * scale
-                s_S = jnp.sum(k_SH * jax.lax.broadcast_in_dim(q_H, (block_s, H), (1,)), axis=1)
-                if softcap is not None:
-                    s_S = softcap * jnp.tanh(s_S / softcap)
-                s_S = jnp.where(visible_S, s_S, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s_S))
-                alpha = jnp.exp(m - m_new)  # every fetched tile has a visible key
-                p_S = jnp.exp(s_S - m_new)
-                l_new = alpha * sum_ + jnp.sum(p_S)
-                pv_H = jnp.sum(jax.lax.broadcast_in_dim(p_S, (block_s, H), (0,)) * v_SH, axis=0)
-                new.append((m_new, l_new, alpha * o_H + pv_H))
-            return tuple(new)
+            lo = (first + i) * block_s
 
-        swizzle = min(128, H * jnp.dtype(k_ref.dtype).itemsize)
-        transforms = (
-            plgpu.TilingTransform((8, swizzle // jnp.dtype(k_ref.dtype).itemsize)),
-            plgpu.SwizzleTransform(swizzle),
-        )
+            # A tile that straddles start or end may hold anything (NaN, inf) in its invisible
+            # rows: zero them in V, or 0 * NaN would reach the output through P V.
+            @pl.when((lo < start) | (lo + block_s > end))
+            def _zero_invisible_values():
+                pos_SH = lo + row_SH
+                v_SH = _cast(v_smem[...], L)
+                keep = (pos_SH >= start) & (pos_SH < end)
+                v_smem[...] = jnp.where(keep, v_SH, jnp.zeros_like(v_SH))
+                plgpu.commit_smem()
+
+            return gpu.attend_tile_masked_if(
+                (lo < start) | (lo + block_s > end),
+                lambda: (lo + col_RS >= start) & (lo + col_RS < end),
+                q_smem, k_smem, v_smem, carry, scale=scale, softcap=softcap,
+                interpreting=interpreting,
+            )  # fmt: skip
+
         spec = plgpu.BlockSpec((block_s, H), lambda i: (first + i, 0), transforms=transforms)
-        zero_H = _cast(jnp.zeros((H,), jnp.float32), COL)
-        init = tuple((jnp.float32(-jnp.inf), jnp.float32(0), zero_H) for _ in range(G))
-        final = plgpu.emit_pipeline(
+        init = (
+            _cast(jnp.zeros((R, H), jnp.float32), L),
+            _cast(jnp.full((R,), gpu.MASK_VALUE, jnp.float32), L.reduce(1)),
+            _cast(jnp.zeros((R,), jnp.float32), L.reduce(1)),
+        )
+        acc, m, l_sum = plgpu.emit_pipeline(
             body,
             grid=(count,),
             in_specs=[spec, spec],
             max_concurrent_steps=num_stages,
             init_carry=init,
         )(k_ref.at[b, :, h, :], v_ref.at[b, :, h, :])
-        for g, (m, sum_, o_H) in enumerate(final):
-            stats_smem[g, 0] = m
-            stats_smem[g, 1] = sum_
-            o_smem[g] = o_H
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stats_smem, stats_ref.at[b, h, p])
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, p])
+        if num_partitions == 1:  # the final output, through q's buffer: no combine
+            q_smem[...] = gpu.normalize(acc, l_sum).astype(q_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_refs[0].at[b, h])
+        else:
+            m_smem, l_smem, o_smem = out_smem
+            m_smem[...] = m * _LN2  # attend_tile keeps the max in base 2
+            l_smem[...] = l_sum
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            for ref, smem in zip(out_refs, out_smem, strict=True):
+                plgpu.copy_smem_to_gmem(smem, ref.at[b, h, p])
         plgpu.wait_smem_to_gmem(0)
 
+    f32 = jnp.float32
+    outs = []
+    if num_partitions > 1:
+        outs = [plgpu.SMEM((R,), f32), plgpu.SMEM((R,), f32), plgpu.SMEM((R, H), f32)]
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((G, H), q_ref.dtype),
-        plgpu.SMEM((G, 4), jnp.float32),
-        plgpu.SMEM((G, H), jnp.float32),
+        plgpu.SMEM((R, H), q_ref.dtype, transforms=transforms),
         plgpu.Barrier(num_barriers=1),
+        *outs,
     )
 
 
@@ -221,8 +238,13 @@ def decode_attention(
     for name, x in (("q", q_BNH), ("k", k_BSKH)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a float array, got {x.dtype}")
+    if not interpret and q_BNH.dtype not in gpu.WGMMA_DTYPES:
+        raise ValueError(
+            f"pallas_gpu decode attention needs float16 or bfloat16 inputs (wgmma), got "
+            f"{q_BNH.dtype}; cast, or use impl='xla'"
+        )
     if block_sizes is None:
-        block_sizes = DecodeBlockSizes.default(B=B, S=S, K=K, H=H, dtype=k_BSKH.dtype)
+        block_sizes = DecodeBlockSizes.default(B=B, S=S, K=K, H=H, dtype=k_BSKH.dtype, G=N // K)
     if scale is None:
         scale = H**-0.5
     if interpret is True:
@@ -231,6 +253,9 @@ def decode_attention(
         interpret = None
 
     G, P = N // K, block_sizes.num_partitions
+    R = pl.cdiv(G, 64) * 64  # the query heads of a group, padded to the rows of a wgmma
+    q_BKRH = jnp.pad(q_BNH.reshape(B, K, G, H), ((0, 0), (0, 0), (0, R - G), (0, 0)))
+    k_BSKH, v_BSKH = gpu.pad_keys(k_BSKH, v_BSKH)
     kernel = functools.partial(
         _decode_kernel,
         block_s=block_sizes.block_s,
@@ -241,21 +266,21 @@ def decode_attention(
         interpreting=interpret is not None,
     )
     f32 = jnp.float32
-    # Row g of stats holds (max, sum, -, -): 16-byte rows, as TMA needs for GMEM strides.
-    stats_BKPG4, o_BKPGH = plgpu.kernel(
+    if P == 1:
+        out_type = jax.ShapeDtypeStruct((B, K, R, H), q_BNH.dtype)
+    else:
+        out_type = (
+            jax.ShapeDtypeStruct((B, K, P, R), f32),
+            jax.ShapeDtypeStruct((B, K, P, R), f32),
+            jax.ShapeDtypeStruct((B, K, P, R, H), f32),
+        )
+    out = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((B, K, P, G, 4), f32),
-            jax.ShapeDtypeStruct((B, K, P, G, H), f32),
-        ),
+        out_type=out_type,
         grid=(B, K, P),
         grid_names=("b", "k", "p"),
         interpret=interpret,
-    )(
-        visible_bounds(lengths_B, S, sliding_window),
-        q_BNH.reshape(B, K, G, H),
-        k_BSKH,
-        v_BSKH,
-    )
-    o_BKGH = combine_partitions(stats_BKPG4[..., 0], stats_BKPG4[..., 1], o_BKPGH)
-    return o_BKGH.reshape(B, N, H).astype(q_BNH.dtype)
+    )(visible_bounds(lengths_B, S, sliding_window), q_BKRH, k_BSKH, v_BSKH)
+    if P > 1:
+        out = combine_partitions(*out)
+    return out[:, :, :G].reshape(B, N, H).astype(q_BNH.dtype)

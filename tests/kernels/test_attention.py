@@ -150,6 +150,17 @@ def test_bad_shapes_get_clear_errors(kwargs, match):
         attn.attention(q, k, k)
 
 
+def test_mixed_dtypes_and_zero_window_get_clear_errors():
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    k = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="must share a dtype, got bfloat16, float32"):
+        attn.attention(q, k, k)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        attn.decode_attention(q[:, 0], k, k, jnp.array([4]))
+    with pytest.raises(ValueError, match="sliding_window"):
+        attn.attention(k, k, k, sliding_window=0)
+
+
 def test_unknown_impl_lists_valid():
     q, k, v = _qkv(1, 2, 2, 2, 2, 4, jnp.float32)
     with pytest.raises(ValueError, match="valid: .*reference"):

@@ -117,20 +117,75 @@ def test_errors():
             gpu.BlockSizes(**kwargs)
 
 
+WS = gpu.BlockSizes(block_q=64, block_kv=128, num_stages=3, compute_warpgroups=2)
+ONE_WG = gpu.BlockSizes(block_q=64, block_kv=64, num_stages=2)
+
+
+@pytest.mark.parametrize("block_sizes", [WS, ONE_WG], ids=["warp_specialized", "one_warpgroup"])
 @pytest.mark.parametrize(
     "B, T, S, N, K, H, dtype, causal, window, softcap",
     [
         (2, 300, 1000, 8, 2, 128, jnp.bfloat16, True, None, None),
-        (1, 1000, 1000, 8, 8, 64, jnp.bfloat16, True, 128, 30.0),
+        (1, 1000, 1003, 8, 8, 64, jnp.bfloat16, True, 128, 30.0),  # S padded to 1008
         (2, 200, 200, 4, 1, 128, jnp.float16, False, None, None),
     ],
 )
-def test_lowers_to_mosaic_gpu(B, T, S, N, K, H, dtype, causal, window, softcap):
-    """Cross-lowering for CUDA on CPU runs the Pallas->Mosaic GPU rules (wgmma, layouts, TMA)."""
+def test_lowers_to_mosaic_gpu(B, T, S, N, K, H, dtype, causal, window, softcap, block_sizes):
+    """Cross-lowering for CUDA on CPU runs the Pallas->Mosaic GPU rules (wgmma, layouts, TMA,
+    and the SMEM limit: Mosaic GPU refuses a kernel over 227 KiB)."""
     spec = jax.ShapeDtypeStruct
     kv = spec((B, S, K, H), dtype)
     fn = functools.partial(
-        gpu.flash_attention, causal=causal, sliding_window=window, softcap=softcap
-    )
+        gpu.flash_attention, causal=causal, sliding_window=window, softcap=softcap,
+        block_sizes=block_sizes,
+    )  # fmt: skip
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(spec((B, T, N, H), dtype), kv, kv)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_forward_with_lse_lowers_with_a_stage_less_when_smem_is_full():
+    """Three 128-key stages and two query tiles fill the SMEM; the lse rows the backward needs
+    then cost one stage (``_smem_bytes`` predicts Mosaic GPU's count)."""
+    assert gpu._smem_bytes(WS, 128, jnp.bfloat16, False) <= gpu._SMEM_LIMIT
+    assert gpu._smem_bytes(WS, 128, jnp.bfloat16, True) > gpu._SMEM_LIMIT
+    spec = jax.ShapeDtypeStruct
+    kv = spec((2, 512, 2, 128), jnp.bfloat16)
+    cfg = gpu._Config(512, 512, True, None, None, 0.1, WS, False)
+    fn = lambda q, k, v: gpu._forward(q, k, v, jnp.full((2,), 512, jnp.int32), cfg, True)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(
+        spec((2, 512, 4, 128), jnp.bfloat16), kv, kv
+    )
+    assert [o.shape for o in exported.out_avals] == [(2, 512, 4, 128), (2, 4, 512)]
+
+
+def test_forward_lse_matches_logsumexp():
+    B, T, S, N, K, H = 2, 70, 150, 4, 2, 64
+    q, k, v = _inputs(B, T, S, N, K, H, jnp.float32)
+    lengths = jnp.asarray([150, 0], jnp.int32)
+    for causal, softcap, window in [(True, None, None), (False, 5.0, None), (True, None, 40)]:
+        cfg = gpu._Config(T, S, causal, window, softcap, H**-0.5, B64, True)
+        _, lse = gpu._forward(q, k, v, lengths, cfg, with_lse=True)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) * H**-0.5
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
+        pos_q, pos_k = S - T + jnp.arange(T)[:, None], jnp.arange(S)[None]
+        mask = pos_k < lengths[:, None, None, None]
+        mask &= (pos_k <= pos_q) if causal else True
+        mask &= (pos_k > pos_q - window) if window else True
+        ref = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=-1)
+        visible = np.isfinite(np.asarray(ref))
+        np.testing.assert_allclose(np.asarray(lse)[visible], np.asarray(ref)[visible], atol=1e-5)
+        assert not np.any(np.asarray(lse)[~visible])  # empty rows: 0
+
+
+def test_default_block_sizes():
+    f = gpu.BlockSizes.for_shape
+    assert f(4096, 4096, 128, jnp.bfloat16) == WS
+    assert f(4096, 4096, 256, jnp.bfloat16) == ONE_WG
+    assert f(100, 100, 128, jnp.bfloat16).block_kv == 128
+    assert f(40, 40, 64, jnp.bfloat16).block_kv == 64
+    interpreted = f(4096, 4096, 128, jnp.float32, interpret=True)
+    assert interpreted.compute_warpgroups == 1
+    q, k, v = _inputs(1, 8, 8, 2, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="no interpret mode"):
+        gpu.flash_attention(q, k, v, block_sizes=WS, interpret=True)

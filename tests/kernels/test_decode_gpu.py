@@ -118,8 +118,9 @@ def test_block_size_construction_errors(kwargs, match):
     [
         (2, 1000, 8, 2, 128, jnp.bfloat16, None, None),
         (2, 1000, 8, 8, 64, jnp.bfloat16, 128, 30.0),
-        (2, 1000, 4, 1, 128, jnp.float32, None, None),
-        (2, 1000, 8, 2, 64, jnp.float32, 128, 30.0),
+        (2, 1000, 4, 1, 128, jnp.float16, None, None),
+        (2, 1003, 8, 2, 64, jnp.float16, 128, 30.0),
+        (2, 1000, 80, 1, 128, jnp.bfloat16, None, None),  # G = 80: two row blocks of 64
     ],
 )
 def test_lowers_to_mosaic_gpu(B, S, N, K, H, dtype, window, softcap):
@@ -128,6 +129,22 @@ def test_lowers_to_mosaic_gpu(B, S, N, K, H, dtype, window, softcap):
     kv = spec((B, S, K, H), dtype)
     args = (spec((B, N, H), dtype), kv, kv, spec((B,), jnp.int32))
     fn = functools.partial(gpu_decode.decode_attention, sliding_window=window, softcap=softcap)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_float32_needs_interpret_mode():
+    q, k, v = _inputs(1, 16, 2, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        gpu_decode.decode_attention(q, k, v, jnp.array([16]))
+
+
+def test_lowers_with_partitions():
+    """P > 1: the kernel writes (max, sum) rows and float32 partial outputs for the combine."""
+    spec = jax.ShapeDtypeStruct
+    kv = spec((1, 4096, 8, 128), jnp.bfloat16)
+    args = (spec((1, 32, 128), jnp.bfloat16), kv, kv, spec((1,), jnp.int32))
+    fn = functools.partial(gpu_decode.decode_attention, block_sizes=DecodeBlockSizes(128, 4, 2))
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
 

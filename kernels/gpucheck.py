@@ -1,0 +1,248 @@
+"""One-call GPU check of the Mosaic GPU attention kernels: correctness on the hardware, then
+block-size sweeps and the baselines of ``kernels.bench``, all in one process.
+
+Meant for a short lease of one H100 (see README "On a GPU")::
+
+    python -m kernels.gpucheck --out $OUT            # everything
+    python -m kernels.gpucheck --out $OUT --only correct,sweep
+
+Each step writes JSON lines to ``<out>/gpucheck.jsonl`` as it goes (a crash loses nothing
+already measured) and a failing case records its error instead of stopping the run.
+Correctness compares against ``impl="reference"`` on float32 upcasts of fresh random inputs by
+``|out - ref| / |ref|`` (bf16 operands: about 1e-3 to 1e-2); outputs are checked finite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import attention as kattn
+from kernels import bench
+from kernels.attention import gpu, gpu_decode
+
+_LOG = None
+
+
+def _emit(record: dict) -> None:
+    record = {"t": round(time.time(), 1), **record}
+    line = json.dumps(record, default=str)
+    print(line, flush=True)
+    if _LOG is not None:
+        _LOG.write(line + "\n")
+        _LOG.flush()
+
+
+def _rel(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _draw(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+
+
+PREFILL_CASES = [
+    # B, T, S, N, K, H, kwargs
+    (2, 256, 256, 4, 4, 128, dict(causal=True)),
+    (2, 256, 256, 4, 4, 128, dict(causal=False)),
+    (1, 200, 333, 8, 2, 64, dict(causal=True)),
+    (1, 256, 256, 8, 1, 256, dict(causal=True)),
+    (2, 384, 384, 4, 2, 128, dict(causal=True, sliding_window=100)),
+    (2, 320, 320, 4, 4, 128, dict(causal=True, lengths=(200, 320))),
+    (1, 256, 256, 4, 4, 128, dict(causal=True, softcap=20.0)),
+    (2, 1000, 1000, 8, 2, 128, dict(causal=True, ws=True)),
+    (1, 300, 777, 4, 4, 128, dict(causal=False, ws=True)),
+    (2, 640, 640, 4, 1, 64, dict(causal=True, sliding_window=200, ws=True)),
+    (2, 512, 512, 4, 4, 128, dict(causal=True, lengths=(300, 0), softcap=10.0, ws=True)),
+]
+DECODE_CASES = [
+    # B, S, N, K, H, kwargs
+    (4, 1000, 8, 2, 128, dict()),
+    (2, 4096, 32, 8, 128, dict()),
+    (3, 777, 8, 1, 64, dict(sliding_window=300)),
+    (2, 512, 4, 4, 256, dict(softcap=30.0)),
+    (40, 520, 8, 4, 128, dict()),  # B * K >= 132: one partition, normalised in the kernel
+]
+
+
+def check_correct(dtype=jnp.bfloat16, select: str = "") -> None:
+    """Every case, or those whose description contains one of the ``|``-separated texts."""
+    rng = np.random.default_rng(int(time.time()))
+    for B, T, S, N, K, H, kw in PREFILL_CASES:
+        if not any(t in repr((B, T, S, N, K, H, kw)) for t in select.split("|")):
+            continue
+        record = {"step": "correct", "kernel": "flash_fwd", "shape": [B, T, S, N, K, H], **kw}
+        try:
+            q, k, v = (
+                _draw(rng, (B, T, N, H), dtype),
+                *(_draw(rng, (B, S, K, H), dtype) for _ in range(2)),
+            )
+            kw = dict(kw)
+            if "lengths" in kw:
+                kw["lengths"] = jnp.asarray(kw["lengths"], jnp.int32)
+            if kw.pop("ws", False):
+                bs = gpu.BlockSizes(block_q=64, block_kv=128, num_stages=2, compute_warpgroups=2)
+                out = gpu.flash_attention(q, k, v, block_sizes=bs, **kw)
+            else:
+                out = kattn.attention(q, k, v, impl="pallas_gpu", **kw)
+            ref = kattn.attention(
+                *(x.astype(jnp.float32) for x in (q, k, v)), impl="reference", **kw
+            )
+            record["rel_err"] = _rel(out.astype(jnp.float32), ref)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-3000:]
+        _emit(record)
+    for B, S, N, K, H, kw in DECODE_CASES:
+        if not any(t in repr((B, S, N, K, H, kw)) for t in select.split("|")):
+            continue
+        record = {"step": "correct", "kernel": "decode", "shape": [B, S, N, K, H], **kw}
+        try:
+            q = _draw(rng, (B, N, H), dtype)
+            k, v = (_draw(rng, (B, S, K, H), dtype) for _ in range(2))
+            lengths = jnp.asarray(rng.integers(1, S + 1, (B,)), jnp.int32)
+            out = kattn.decode_attention(q, k, v, lengths, impl="pallas_gpu", **kw)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+            ref = kattn.decode_attention(*f32, lengths, impl="reference", **kw)
+            record["rel_err"] = _rel(out.astype(jnp.float32), ref)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-3000:]
+        _emit(record)
+
+
+def _time(fn, args, repeats=10):
+    return bench.time_call(fn, args, repeats=repeats, warmup=2)
+
+
+def sweep_prefill(dtype=jnp.bfloat16) -> None:
+    shape = bench.SHAPES["prefill"]
+    q, k, v = bench._inputs(shape, dtype)
+    work = bench._work(shape, "fwd", 2)["flops"]
+    cudnn = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"
+        )
+    )
+    variants = [None, (64, 64, 2, 1, True), (64, 128, 2, 2, True), (64, 128, 3, 2, True),
+                (64, 64, 4, 2, True), (64, 128, 2, 2, False), (64, 192, 2, 2, True), None,
+                (64, 64, 2, 1, True), (64, 128, 2, 2, True)]  # fmt: skip
+    for variant in variants:
+        if variant is None:
+            s = _time(cudnn, (q, k, v))
+            _emit({"step": "sweep_prefill", "impl": "jax_cudnn", "seconds": s,
+                   "tflop_per_s": work / s / 1e12})  # fmt: skip
+            continue
+        bq, bk, st, wgs, skip = variant
+        record = {"step": "sweep_prefill", "impl": "kestrel_pallas_gpu",
+                  "block": [bq, bk, st, wgs], "skip_interior_masks": skip}  # fmt: skip
+        gpu.SKIP_INTERIOR_MASKS = skip
+        jax.clear_caches()
+        try:
+            bs = gpu.BlockSizes(block_q=bq, block_kv=bk, num_stages=st, compute_warpgroups=wgs)
+            fn = jax.jit(lambda q, k, v, bs=bs: gpu.flash_attention(q, k, v, block_sizes=bs))
+            s = _time(fn, (q, k, v))
+            record.update(seconds=s, tflop_per_s=work / s / 1e12)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-2000:]
+        _emit(record)
+    gpu.SKIP_INTERIOR_MASKS = True
+    jax.clear_caches()
+
+
+def sweep_decode(dtype=jnp.bfloat16) -> None:
+    shape = bench.SHAPES["decode"]
+    q, k, v, lengths = bench._inputs(shape, dtype)
+    nbytes = bench._work(shape, "fwd", 2)["bytes"]
+    cudnn = bench.DECODE_IMPLS["jax_cudnn"](shape, q, k, v, lengths).fn
+    variants = [None, (64, 1, 3), (128, 2, 2), (64, 2, 3), (128, 2, 3), (64, 4, 3), (128, 1, 2),
+                (64, 1, 2), None, (64, 1, 3), (128, 2, 2), (128, 2, 3)]  # fmt: skip
+    for variant in variants:
+        if variant is None:
+            s = _time(cudnn, (q, k, v, lengths))
+            _emit({"step": "sweep_decode", "impl": "jax_cudnn", "seconds": s,
+                   "tb_per_s": nbytes / s / 1e12})  # fmt: skip
+            continue
+        record = {"step": "sweep_decode", "impl": "kestrel_pallas_gpu", "block": list(variant)}
+        try:
+            blocks = gpu_decode.DecodeBlockSizes(*variant)
+            fn = jax.jit(lambda *a, b=blocks: gpu_decode.decode_attention(*a, block_sizes=b))
+            s = _time(fn, (q, k, v, lengths))
+            record.update(seconds=s, tb_per_s=nbytes / s / 1e12)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-2000:]
+        _emit(record)
+
+
+def run_bench() -> None:
+    for phase in ("prefill", "decode"):
+        bench.bench_attention_shape(
+            bench.SHAPES[phase],
+            dtype=jnp.dtype(jnp.bfloat16),
+            passes=["fwd", "bwd"] if phase == "prefill" else ["fwd"],
+            impls=None
+            if phase == "decode"
+            else {
+                "jax_cudnn",
+                "kestrel_pallas_gpu",
+                "kestrel_xla",
+                "jax_pallas_triton_mha",
+                "jax_pallas_mgpu",
+                "kestrel_cudnn",
+                "tokamax",
+            },  # fmt: skip
+            repeats=10,
+            warmup=2,
+            emit=lambda r: _emit({"step": "bench", **r}),
+        )
+
+
+STEPS = {"correct": check_correct, "sweep": None, "bench": run_bench}
+
+
+def main(argv=None) -> int:
+    global _LOG
+    parser = argparse.ArgumentParser(prog="python -m kernels.gpucheck")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--only", default="correct,sweep,bench")
+    parser.add_argument("--select", default="", help="correctness cases containing this text")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    _LOG = open(os.path.join(args.out, "gpucheck.jsonl"), "a")  # noqa: SIM115 (whole run)
+    _emit(
+        {"step": "env", "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}
+    )
+    for step in args.only.split(","):
+        t0 = time.time()
+        try:
+            if step == "correct":
+                check_correct(select=args.select)
+            elif step == "sweep":
+                sweep_prefill()
+                sweep_decode()
+            else:
+                STEPS[step]()
+        except Exception as e:
+            _emit(
+                {"step": step, "error": bench._reason(e), "trace": traceback.format_exc()[-3000:]}
+            )
+        _emit({"step": step, "done_s": round(time.time() - t0, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
