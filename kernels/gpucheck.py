@@ -136,19 +136,20 @@ def sweep_prefill(dtype=jnp.bfloat16) -> None:
             q, k, v, is_causal=True, implementation="cudnn"
         )
     )
-    variants = [None, (64, 64, 2, 1, True), (64, 128, 2, 2, True), (64, 128, 3, 2, True),
-                (64, 64, 4, 2, True), (64, 128, 2, 2, False), (64, 192, 2, 2, True), None,
-                (64, 64, 2, 1, True), (64, 128, 2, 2, True)]  # fmt: skip
+    # (block_q, block_kv, num_stages, compute_warpgroups, skip interior masks, in-place P V)
+    variants = [None, (64, 128, 3, 2, True, True), (64, 128, 3, 2, True, False),
+                (64, 128, 2, 2, True, True), (64, 64, 2, 1, True, True), None,
+                (64, 128, 3, 2, True, True), (64, 128, 3, 2, True, False)]  # fmt: skip
     for variant in variants:
         if variant is None:
             s = _time(cudnn, (q, k, v))
             _emit({"step": "sweep_prefill", "impl": "jax_cudnn", "seconds": s,
                    "tflop_per_s": work / s / 1e12})  # fmt: skip
             continue
-        bq, bk, st, wgs, skip = variant
-        record = {"step": "sweep_prefill", "impl": "kestrel_pallas_gpu",
-                  "block": [bq, bk, st, wgs], "skip_interior_masks": skip}  # fmt: skip
-        gpu.SKIP_INTERIOR_MASKS = skip
+        bq, bk, st, wgs, skip, in_place = variant
+        record = {"step": "sweep_prefill", "impl": "kestrel_pallas_gpu", "block": [bq, bk, st, wgs],
+                  "skip_interior_masks": skip, "in_place": in_place}  # fmt: skip
+        gpu.SKIP_INTERIOR_MASKS, gpu.ACCUMULATE_IN_PLACE = skip, in_place
         jax.clear_caches()
         try:
             bs = gpu.BlockSizes(block_q=bq, block_kv=bk, num_stages=st, compute_warpgroups=wgs)
@@ -159,6 +160,7 @@ def sweep_prefill(dtype=jnp.bfloat16) -> None:
             record["error"] = bench._reason(e)
             record["trace"] = traceback.format_exc()[-2000:]
         _emit(record)
+    gpu.ACCUMULATE_IN_PLACE = True
     gpu.SKIP_INTERIOR_MASKS = True
     jax.clear_caches()
 
@@ -168,8 +170,8 @@ def sweep_decode(dtype=jnp.bfloat16) -> None:
     q, k, v, lengths = bench._inputs(shape, dtype)
     nbytes = bench._work(shape, "fwd", 2)["bytes"]
     cudnn = bench.DECODE_IMPLS["jax_cudnn"](shape, q, k, v, lengths).fn
-    variants = [None, (64, 1, 3), (128, 2, 2), (64, 2, 3), (128, 2, 3), (64, 4, 3), (128, 1, 2),
-                (64, 1, 2), None, (64, 1, 3), (128, 2, 2), (128, 2, 3)]  # fmt: skip
+    variants = [None, (128, 1, 2), (64, 1, 3), (64, 1, 2), (128, 2, 2), None, (128, 1, 2),
+                (64, 1, 3), (64, 2, 3)]  # fmt: skip
     for variant in variants:
         if variant is None:
             s = _time(cudnn, (q, k, v, lengths))

@@ -13,12 +13,13 @@ Implementations (``impl``):
                  sliding windows only when causal, ``lengths``; no ``softcap``.
   ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``, ``tpu_bwd.py``, ``tpu_decode.py``),
                  on a TPU or with ``interpret=True``.
-  ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper, ``gpu.py``, ``gpu_decode.py``), on a
-                 GPU or with ``interpret=True``; ``attention`` is forward only so far (its
-                 gradient raises) and takes bfloat16/float16 on the GPU.
+  ``pallas_gpu`` the Pallas Mosaic GPU kernels (Hopper, ``gpu.py``, ``gpu_bwd.py``,
+                 ``gpu_decode.py``), on a GPU or with ``interpret=True``; bfloat16/float16 on
+                 the GPU, ``H`` a multiple of 64 up to 256; ``cached_attention`` is
+                 inference-only.
   ``auto``       the best path available on the running backend: ``pallas_tpu`` on a TPU;
                  ``pallas_gpu`` on a Hopper GPU for bfloat16/float16 with ``H`` a multiple of 64
-                 up to 256; ``xla`` otherwise, and for ``cached_attention`` (no Pallas route).
+                 up to 256; ``xla`` otherwise (``cached_attention`` has no TPU kernel yet).
 
 Unsupported (impl, option) pairs raise ``ValueError`` naming the option; no path silently falls
 back to another.
@@ -43,19 +44,17 @@ _JNP_IMPLS = ("reference", "xla")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _resolve_impl(impl: str, q=None, *, pallas: bool = True) -> str:
+def _resolve_impl(impl: str, q, *, tpu: bool = True) -> str:
     """``impl``, with ``auto`` resolved for query ``q`` on the running backend: the Pallas TPU
-    kernels on a TPU; on a Hopper GPU (compute capability 9.x, for wgmma) the Pallas Mosaic
-    GPU kernels for float16/bfloat16 with ``H`` a multiple of 64 up to 256; else ``xla``.
-    ``pallas=False`` (an op with no Pallas route) always resolves to ``xla``."""
+    kernels on a TPU (where the op has one: ``tpu``); on a Hopper GPU (compute capability 9.x,
+    for wgmma) the Pallas Mosaic GPU kernels for float16/bfloat16 with ``H`` a multiple of 64
+    up to 256; else ``xla``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {list(IMPLS)}")
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if not pallas or q is None:
-        return "xla"
-    if backend == "tpu":
+    if backend == "tpu" and tpu:
         return "pallas_tpu"
     if backend == "gpu" and _is_hopper() and q.dtype in (jnp.bfloat16, jnp.float16):
         H = q.shape[-1]
@@ -306,14 +305,19 @@ def cached_attention(
     Returns:
       ``[B, T, N, H]`` in the dtype of ``q``.
     """
-    del interpret
-    impl = _resolve_impl(impl, pallas=False)
-    _require_jnp(impl, "cached_attention")
     _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
+    impl = _resolve_impl(impl, q_BTNH, tpu=False)
     _check_options(sliding_window, softcap)
     B, T = q_BTNH.shape[:2]
     _check_lengths(starts_B, B, "starts_B")
     _check_lengths(lengths_B, B, "lengths_B")
+    if impl == "pallas_gpu":
+        module = _pallas_module(impl, "gpu", interpret)
+        return module.cached_attention(
+            q_BTNH, k_BSKH, v_BSKH, starts_B, lengths_B, sliding_window=sliding_window,
+            softcap=softcap, scale=scale, interpret=interpret,
+        )  # fmt: skip
+    _require_jnp(impl, "cached_attention", ("pallas_gpu",))
     q_pos_BT = starts_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
     return _masked(
         q_BTNH, k_BSKH, v_BSKH, q_pos_BT, lengths_B, True, sliding_window, softcap, scale, impl

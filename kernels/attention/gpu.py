@@ -57,6 +57,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Interior tiles (every key visible to every row) skip the mask; False masks every tile.
 SKIP_INTERIOR_MASKS = True
+# On GPU the P V wgmma accumulates into the rescaled output in place (no zeroed accumulator,
+# no register add); False uses a fresh accumulator as interpret mode does.
+ACCUMULATE_IN_PLACE = True
 _MAX_TMA_BOX = 256
 _SMEM_LIMIT = 227 * 1024  # per block on H100 (sharedMemPerBlockOptin)
 # float32 would be a tf32 wgmma, which takes neither a register A operand (P) nor an
@@ -189,11 +192,16 @@ def attend_tile(q, k_smem, v_smem, carry, mask, *, scale, softcap, interpreting)
     p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_use, s.shape, (0,)))
     alpha = jnp.exp2(m_prev - m_use)
     l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    # The wgmma runs into a fresh accumulator (plus one register add): accumulating into ``acc``
-    # in place needs ``run_state``, which the interpreter cannot run.
-    pv_tile = _matmul(p.astype(v_smem.dtype), v_smem, transpose_b=False, interpreting=interpreting)
-    acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) + pv_tile
-    return acc, m_new, l_new
+    acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, (0,))
+    p = p.astype(v_smem.dtype)
+    if interpreting or not ACCUMULATE_IN_PLACE:
+        # A fresh accumulator plus a register add: the interpreter cannot run ``run_state``.
+        return acc + _matmul(p, v_smem, transpose_b=False, interpreting=interpreting), m_new, l_new
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem)
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l_new
 
 
 def attend_tile_masked_if(partial, mask_fn, q, k_smem, v_smem, carry, **kw):
@@ -224,6 +232,11 @@ def pad_keys(k_BSKH, v_BSKH):
         return k_BSKH, v_BSKH
     pad = ((0, 0), (0, -S % 8), (0, 0), (0, 0))
     return jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
+
+
+def _meta(meta_ref, row):
+    """(first kv tile, tile count, kv_len, position of query 0) of a (sequence, query block)."""
+    return tuple(meta_ref[4 * row + c] for c in range(4))
 
 
 def _tile_is_partial(cfg: _Config, q_first, q_last, k_first, bk, kv_len):
@@ -272,8 +285,7 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *rest, cfg: _Config, G: in
     b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     H = q_ref.shape[3]
-    row = 3 * (b * num_q + i)  # meta holds (first kv tile, tile count, kv_len) per row
-    first, count, kv_len = meta_ref[row], meta_ref[row + 1], meta_ref[row + 2]
+    first, count, kv_len, q_off = _meta(meta_ref, b * num_q + i)
     kh = jax.lax.div(n, G)
     q_rows = pl.ds(i * bq, bq)
 
@@ -283,12 +295,12 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *rest, cfg: _Config, G: in
         # Query t sits at position S - T + t (rows of the padding never reach the output).
         row_iota = _cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0), L)
         col = _cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1), L)
-        pos_q = (cfg.S - cfg.T) + i * bq + row_iota
+        pos_q = q_off + i * bq + row_iota
 
         def body(indices, k_smem, v_smem, carry):
             (j,) = indices
             k_first = (first + j) * bk
-            q_first = (cfg.S - cfg.T) + i * bq
+            q_first = q_off + i * bq
             return attend_tile_masked_if(
                 _tile_is_partial(cfg, q_first, q_first + bq - 1, k_first, bk, kv_len),
                 lambda: _tile_mask(cfg, pos_q, k_first + col, kv_len),
@@ -333,8 +345,7 @@ def _fwd_kernel_ws(meta_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, G: int, n
     b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     H = q_ref.shape[3]
-    row = 3 * (b * num_q + i)
-    first, count, kv_len = meta_ref[row], meta_ref[row + 1], meta_ref[row + 2]
+    first, count, kv_len, q_off = _meta(meta_ref, b * num_q + i)
     kh = jax.lax.div(n, G)
 
     def compute(pipeline):
@@ -357,7 +368,7 @@ def _fwd_kernel_ws(meta_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, G: int, n
         wg = jax.lax.axis_index("wg")
         row_iota = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0), L)
         col = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1), L)
-        q_first = (cfg.S - cfg.T) + i * (2 * bq) + wg * bq
+        q_first = q_off + i * (2 * bq) + wg * bq
         k_first = (first + j) * bk
         return attend_tile_masked_if(
             _tile_is_partial(cfg, q_first, q_first + bq - 1, k_first, bk, kv_len),
@@ -389,8 +400,11 @@ def _smem_bytes(bs: BlockSizes, H: int, dtype, with_lse: bool) -> int:
     return tiles + (4 * bs.rows if with_lse else 0) + 3 * 1024
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config, with_lse: bool = False):
-    """``out [B, T, N, H]``, and ``lse [B, N, T]`` (float32, natural log) ``with_lse``."""
+def _forward(
+    q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config, with_lse: bool = False, q_offset_B=None
+):
+    """``out [B, T, N, H]``, and ``lse [B, N, T]`` (float32, natural log) ``with_lse``. Query
+    ``t`` sits at position ``S - T + t``, or ``q_offset_B[b] + t`` when given."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     bs = cfg.block_sizes
@@ -400,10 +414,15 @@ def _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config, with_lse: bool = Fa
     rows, bk = cfg.block_sizes.rows, cfg.block_sizes.block_kv
     first_BQ, count_BQ = kv_block_ranges(
         kv_len_B, T=T, S=cfg.S, block_q=rows, block_kv=bk, causal=cfg.causal,
-        sliding_window=cfg.sliding_window,
+        sliding_window=cfg.sliding_window, q_offset_B=q_offset_B,
     )  # fmt: skip
     num_q = first_BQ.shape[1]
-    meta = jnp.stack([first_BQ, count_BQ, jnp.broadcast_to(kv_len_B[:, None], first_BQ.shape)], -1)
+    if q_offset_B is None:
+        q_offset_B = jnp.full((B,), cfg.S - T, jnp.int32)
+    per_row = (kv_len_B, q_offset_B)
+    meta = jnp.stack(
+        [first_BQ, count_BQ, *(jnp.broadcast_to(x[:, None], (B, num_q)) for x in per_row)], -1
+    )
     Tp = num_q * rows
     q = jnp.pad(q_BTNH, ((0, 0), (0, Tp - T), (0, 0), (0, 0))) if Tp != T else q_BTNH
     k_BSKH, v_BSKH = pad_keys(k_BSKH, v_BSKH)
@@ -491,13 +510,24 @@ def flash_attention(
       ``[B, T, N, H]`` in the dtype of ``q``; rows with no visible key are zeros. Not
       differentiable: ``jax.grad`` raises ``ValueError``.
     """
+    _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret)
+    B, T, _, H = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    if T > S:
+        raise ValueError(f"more queries than keys: T={T} > S={S}")
+    kv_len_B = jnp.full((B,), S, jnp.int32) if lengths is None else _lengths(lengths, B, S)
+    cfg = _config(q_BTNH, S, causal, sliding_window, softcap, scale, block_sizes, interpret)
+    return _flash(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg)
+
+
+def _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret) -> None:
     if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape:
         raise ValueError(
             f"need q [B, T, N, H] and k, v [B, S, K, H] of equal shapes, got "
             f"{q_BTNH.shape}, {k_BSKH.shape}, {v_BSKH.shape}"
         )
-    B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    B, _, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
     if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H or N % K:
         raise ValueError(f"q {q_BTNH.shape} vs k {k_BSKH.shape}: need equal B, H and N % K == 0")
     if not q_BTNH.dtype == k_BSKH.dtype == v_BSKH.dtype:
@@ -511,21 +541,23 @@ def flash_attention(
         )
     if H % 64 or H > _MAX_TMA_BOX:
         raise ValueError(f"head dim H must be a multiple of 64 and <= {_MAX_TMA_BOX}, got {H}")
-    if T > S:
-        raise ValueError(f"more queries than keys: T={T} > S={S}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive int, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
+
+
+def _lengths(lengths, B: int, S: int, name: str = "lengths"):
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an int array of shape ({B},), got {lengths.shape}")
+    return jnp.clip(lengths.astype(jnp.int32), 0, S)
+
+
+def _config(q_BTNH, S, causal, sliding_window, softcap, scale, block_sizes, interpret):
+    _, T, _, H = q_BTNH.shape
     if block_sizes is None:
         block_sizes = BlockSizes.for_shape(T, S, H, q_BTNH.dtype, interpret=interpret)
-    if lengths is None:
-        kv_len_B = jnp.full((B,), S, jnp.int32)
-    else:
-        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths must be an int array of shape ({B},), got {lengths.shape}")
-        kv_len_B = jnp.clip(lengths.astype(jnp.int32), 0, S)
-    cfg = _Config(
+    return _Config(
         T=T,
         S=S,
         causal=causal,
@@ -535,4 +567,55 @@ def flash_attention(
         block_sizes=block_sizes,
         interpret=bool(interpret),
     )
-    return _flash(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunk(q_BTNH, k_BSKH, v_BSKH, kv_len_B, starts_B, cfg: _Config):
+    return _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg, q_offset_B=starts_B)
+
+
+def _chunk_fwd(q_BTNH, k_BSKH, v_BSKH, kv_len_B, starts_B, cfg: _Config):
+    return _chunk(q_BTNH, k_BSKH, v_BSKH, kv_len_B, starts_B, cfg), None
+
+
+def _chunk_bwd(cfg: _Config, res, do_BTNH):
+    raise ValueError(
+        "pallas_gpu cached_attention is inference-only (no gradient); train with attention()"
+    )
+
+
+_chunk.defvjp(_chunk_fwd, _chunk_bwd)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sliding_window", "softcap", "scale", "block_sizes", "interpret")
+)
+def cached_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    starts_B,
+    lengths_B,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+):
+    """A chunk of ``T`` new queries per sequence against a ``[B, S, K, H]`` KV cache (chunked
+    prefill, speculative verification): query ``t`` of sequence ``b`` sits at position
+    ``starts[b] + t`` and sees cache positions ``< lengths[b]`` causally (and within the
+    window). The flash forward with a per-sequence query offset; masked tiles are skipped as
+    there. Inference only: ``jax.grad`` raises ``ValueError``.
+
+    Returns:
+      ``[B, T, N, H]`` in the dtype of ``q``; rows with no visible key are zeros.
+    """
+    _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret)
+    B, S = q_BTNH.shape[0], k_BSKH.shape[1]
+    kv_len_B = _lengths(lengths_B, B, S, "lengths_B")
+    if starts_B.shape != (B,) or not jnp.issubdtype(starts_B.dtype, jnp.integer):
+        raise ValueError(f"starts_B must be an int array of shape ({B},), got {starts_B.shape}")
+    cfg = _config(q_BTNH, S, True, sliding_window, softcap, scale, block_sizes, interpret)
+    return _chunk(q_BTNH, k_BSKH, v_BSKH, kv_len_B, starts_B.astype(jnp.int32), cfg)

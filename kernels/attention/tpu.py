@@ -91,12 +91,12 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def kv_block_ranges(kv_len_B, *, T, S, block_q, block_kv, causal, sliding_window):
+def kv_block_ranges(kv_len_B, *, T, S, block_q, block_kv, causal, sliding_window, q_offset_B=None):
     """First kv block and number of kv blocks each query block must visit.
 
-    Query ``t`` sits at position ``S - T + t``; the keys it sees form the interval
-    ``[p - w + 1, min(p, kv_len - 1)]`` (bounds dropped without window / causality), and over
-    the rows of a block the union of these intervals is contiguous.
+    Query ``t`` sits at position ``S - T + t`` (``q_offset_B[b] + t`` when given); the keys it
+    sees form the interval ``[p - w + 1, min(p, kv_len - 1)]`` (bounds dropped without window
+    / causality), and over the rows of a block the union of these intervals is contiguous.
 
     Returns:
       ``(first_BQ, count_BQ)`` int32 ``[B, ceil(T / block_q)]``; ``count`` 0 means skip all.
@@ -105,16 +105,18 @@ def kv_block_ranges(kv_len_B, *, T, S, block_q, block_kv, causal, sliding_window
     xp = np if isinstance(kv_len_B, np.ndarray) else jnp
     num_q = -(-T // block_q)
     t0 = xp.arange(num_q, dtype=np.int32) * block_q
-    p_lo = (S - T) + t0
-    p_hi = (S - T) + xp.minimum(t0 + block_q, T) - 1
-    lo_Q = p_lo - sliding_window + 1 if sliding_window is not None else xp.zeros_like(p_lo)
-    lo_Q = xp.maximum(lo_Q, 0)
+    offset = (S - T) if q_offset_B is None else q_offset_B[:, None]
+    p_lo = offset + t0
+    p_hi = offset + xp.minimum(t0 + block_q, T) - 1
+    lo = p_lo - sliding_window + 1 if sliding_window is not None else xp.zeros_like(p_lo)
+    lo = xp.maximum(lo, 0)
     hi_BQ = xp.broadcast_to(kv_len_B[:, None], (kv_len_B.shape[0], num_q))  # exclusive
     if causal:
-        hi_BQ = xp.minimum(hi_BQ, p_hi[None, :] + 1)
-    first = lo_Q[None, :] // block_kv
-    count = xp.where(hi_BQ > lo_Q[None, :], -(-hi_BQ // block_kv) - first, 0)
-    return first.astype(np.int32) + xp.zeros_like(count, dtype=np.int32), count.astype(np.int32)
+        hi_BQ = xp.minimum(hi_BQ, p_hi + 1)
+    lo_BQ = xp.broadcast_to(lo, hi_BQ.shape)
+    first = lo_BQ // block_kv
+    count = xp.where(hi_BQ > lo_BQ, -(-hi_BQ // block_kv) - first, 0)
+    return first.astype(np.int32), count.astype(np.int32)
 
 
 def q_block_ranges(kv_len_B, *, T, S, block_q, block_kv, causal, sliding_window):

@@ -189,3 +189,35 @@ def test_default_block_sizes():
     q, k, v = _inputs(1, 8, 8, 2, 2, 64, jnp.float32)
     with pytest.raises(ValueError, match="no interpret mode"):
         gpu.flash_attention(q, k, v, block_sizes=WS, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "T, S, N, K, H, starts, lengths, window, softcap",
+    [
+        (5, 150, 4, 2, 64, (0, 37, 140), (5, 42, 145), None, None),  # chunks at ragged offsets
+        (70, 200, 2, 1, 128, (130, 0, 64), (200, 70, 100), 50, 4.0),  # MQA, window, softcap
+        (8, 90, 4, 4, 64, (10, 0, 80), (18, 0, 90), None, None),  # an empty cache row
+    ],
+)
+def test_cached_attention_matches_reference(T, S, N, K, H, starts, lengths, window, softcap):
+    """Multi-token chunks appended to a non-empty cache: query t of sequence b sits at
+    ``starts[b] + t`` and sees the first ``lengths[b]`` cache positions causally."""
+    B = len(starts)
+    q, k, v = _inputs(B, T, S, N, K, H, jnp.float32, seed=3)
+    starts, lengths = jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    kw = dict(sliding_window=window, softcap=softcap)
+    out = attn.cached_attention(q, k, v, starts, lengths, impl="pallas_gpu", interpret=True, **kw)
+    ref = attn.cached_attention(q, k, v, starts, lengths, impl="reference", **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOLERANCE["float32"])
+    with pytest.raises(ValueError, match="inference-only"):
+        jax.grad(
+            lambda q: gpu.cached_attention(q, k, v, starts, lengths, interpret=True, **kw).sum()
+        )(q)
+
+
+def test_cached_attention_lowers_to_mosaic_gpu():
+    spec = jax.ShapeDtypeStruct
+    kv = spec((4, 2048, 8, 128), jnp.bfloat16)
+    args = (spec((4, 16, 32, 128), jnp.bfloat16), kv, kv, spec((4,), jnp.int32))
+    exported = jax.export.export(jax.jit(gpu.cached_attention), platforms=["cuda"])(*args, args[3])
+    assert "mosaic_gpu" in exported.mlir_module()
