@@ -105,6 +105,20 @@ def check_correct(dtype=jnp.bfloat16, select: str = "") -> None:
             record["error"] = bench._reason(e)
             record["trace"] = traceback.format_exc()[-3000:]
         _emit(record)
+    for T, S, starts, lengths in [(16, 2048, (0, 700, 2000), (16, 716, 2016))]:
+        record = {"step": "correct", "kernel": "cached", "shape": [T, S], "starts": starts}
+        try:
+            q = _draw(rng, (3, T, 32, 128), dtype)
+            k, v = (_draw(rng, (3, S, 8, 128), dtype) for _ in range(2))
+            args = (q, k, v, jnp.asarray(starts, jnp.int32), jnp.asarray(lengths, jnp.int32))
+            out = kattn.cached_attention(*args, impl="pallas_gpu")
+            f32 = [x.astype(jnp.float32) for x in args[:3]]
+            ref = kattn.cached_attention(*f32, *args[3:], impl="reference")
+            record["rel_err"] = _rel(out.astype(jnp.float32), ref)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-3000:]
+        _emit(record)
     for B, S, N, K, H, kw in DECODE_CASES:
         if not any(t in repr((B, S, N, K, H, kw)) for t in select.split("|")):
             continue
@@ -190,6 +204,81 @@ def sweep_decode(dtype=jnp.bfloat16) -> None:
         _emit(record)
 
 
+BWD_CASES = [
+    # B, T, S, N, K, H, kwargs
+    (2, 256, 256, 4, 4, 128, dict(causal=True)),
+    (1, 300, 700, 8, 2, 128, dict(causal=True, lengths=(650,))),
+    (2, 384, 384, 4, 1, 64, dict(causal=True, sliding_window=100, softcap=20.0)),
+    (1, 256, 256, 4, 4, 128, dict(causal=False)),
+]
+
+
+def _grads(impl, kw, do, q, k, v):
+    loss = lambda q, k, v: jnp.sum(
+        kattn.attention(q, k, v, impl=impl, **kw).astype(jnp.float32) * do
+    )
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def check_backward(dtype=jnp.bfloat16) -> None:
+    """Gradients of ``attention(impl="pallas_gpu")`` against the float32 reference's."""
+    rng = np.random.default_rng(int(time.time()) + 1)
+    for B, T, S, N, K, H, kw in BWD_CASES:
+        record = {"step": "correct_bwd", "shape": [B, T, S, N, K, H], **kw}
+        try:
+            q = _draw(rng, (B, T, N, H), dtype)
+            k, v = (_draw(rng, (B, S, K, H), dtype) for _ in range(2))
+            do = _draw(rng, (B, T, N, H), jnp.float32)
+            kw = dict(kw)
+            if "lengths" in kw:
+                kw["lengths"] = jnp.asarray(kw["lengths"], jnp.int32)
+            got = _grads("pallas_gpu", kw, do, q, k, v)
+            want = _grads("reference", kw, do, *(x.astype(jnp.float32) for x in (q, k, v)))
+            for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+                record[f"rel_err_{name}"] = _rel(g.astype(jnp.float32), w)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-3000:]
+        _emit(record)
+
+
+def sweep_backward(dtype=jnp.bfloat16) -> None:
+    """Forward + backward (as ``kernels.bench --backward`` times it) per backward tiling."""
+    from kernels.attention import gpu_bwd
+
+    shape = bench.SHAPES["prefill"]
+    q, k, v = bench._inputs(shape, dtype)
+    work = bench._work(shape, "bwd", 2)["flops"]
+    cudnn = bench._grad_of(bench.PREFILL_IMPLS["jax_cudnn"](shape, q, k, v).fn)
+    kv_len = jnp.full((shape.B,), shape.S, jnp.int32)
+
+    def fwd_bwd(bs):
+        cfg = gpu._config(q, shape.S, True, None, None, None, None, False)
+
+        def fn(q, k, v):
+            out, lse = gpu._forward(q, k, v, kv_len, cfg, with_lse=True)
+            do = jnp.ones_like(out)
+            return gpu_bwd.backward(q, k, v, kv_len, out, lse, do, cfg, block_sizes=bs)
+
+        return jax.jit(fn)
+
+    variants = [None, (64, 64, 2), (64, 64, 3), (64, 128, 2), (128, 64, 2), None, (64, 64, 2)]
+    for variant in variants:
+        if variant is None:
+            s = _time(cudnn, (q, k, v))
+            _emit({"step": "sweep_bwd", "impl": "jax_cudnn", "seconds": s,
+                   "tflop_per_s": work / s / 1e12})  # fmt: skip
+            continue
+        record = {"step": "sweep_bwd", "impl": "kestrel_pallas_gpu", "block": list(variant)}
+        try:
+            s = _time(fwd_bwd(gpu_bwd.BwdBlockSizes(*variant)), (q, k, v))
+            record.update(seconds=s, tflop_per_s=work / s / 1e12)
+        except Exception as e:
+            record["error"] = bench._reason(e)
+            record["trace"] = traceback.format_exc()[-2000:]
+        _emit(record)
+
+
 def run_bench() -> None:
     for phase in ("prefill", "decode"):
         bench.bench_attention_shape(
@@ -213,14 +302,20 @@ def run_bench() -> None:
         )
 
 
-STEPS = {"correct": check_correct, "sweep": None, "bench": run_bench}
+STEPS = {
+    "correct": check_correct,
+    "correct_bwd": check_backward,
+    "sweep": None,
+    "sweep_bwd": sweep_backward,
+    "bench": run_bench,
+}
 
 
 def main(argv=None) -> int:
     global _LOG
     parser = argparse.ArgumentParser(prog="python -m kernels.gpucheck")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--only", default="correct,sweep,bench")
+    parser.add_argument("--only", default="correct,correct_bwd,sweep,sweep_bwd,bench")
     parser.add_argument("--select", default="", help="correctness cases containing this text")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -234,6 +234,12 @@ def pad_keys(k_BSKH, v_BSKH):
     return jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
 
 
+def _program(G: int):
+    """(sequence, query head, query block, kv head) of this program."""
+    b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
+    return b, n, i, jax.lax.div(n, G)
+
+
 def _meta(meta_ref, row):
     """(first kv tile, tile count, kv_len, position of query 0) of a (sequence, query block)."""
     return tuple(meta_ref[4 * row + c] for c in range(4))
@@ -282,17 +288,16 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *rest, cfg: _Config, G: in
     _cast = (lambda x, layout: x) if cfg.interpret else plgpu.layout_cast
     L = plgpu.Layout.WGMMA
     ROW = L.reduce(1)
-    b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
+    b, n, i, kh = _program(G)
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     H = q_ref.shape[3]
     first, count, kv_len, q_off = _meta(meta_ref, b * num_q + i)
-    kh = jax.lax.div(n, G)
     q_rows = pl.ds(i * bq, bq)
 
     def scoped(qo_smem, q_barrier, *lse_smem):
         plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, n], qo_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
-        # Query t sits at position S - T + t (rows of the padding never reach the output).
+        # Query t sits at position q_off + t (rows of the padding never reach the output).
         row_iota = _cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0), L)
         col = _cast(jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1), L)
         pos_q = q_off + i * bq + row_iota
@@ -342,11 +347,10 @@ def _fwd_kernel_ws(meta_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, G: int, n
         (o_ref, qo_smem, q_barrier), lse_ref, lse_smem = refs, None, None
     L = plgpu.Layout.WGMMA
     ROW = L.reduce(1)
-    b, n, i = jax.lax.axis_index("b"), jax.lax.axis_index("n"), jax.lax.axis_index("q")
+    b, n, i, kh = _program(G)
     bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
     H = q_ref.shape[3]
     first, count, kv_len, q_off = _meta(meta_ref, b * num_q + i)
-    kh = jax.lax.div(n, G)
 
     def compute(pipeline):
         wg = jax.lax.axis_index("wg")
@@ -464,11 +468,17 @@ def _flash(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config):
 
 
 def _flash_fwd(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg: _Config):
-    return _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg), None
+    out, lse_BNT = _forward(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg, with_lse=True)
+    return out, (q_BTNH, k_BSKH, v_BSKH, kv_len_B, out, lse_BNT)
 
 
 def _flash_bwd(cfg: _Config, res, do_BTNH):
-    raise ValueError("pallas_gpu backward not implemented yet; use impl='cudnn' or 'xla'")
+    # Imported here: gpu_bwd builds on the helpers of this module.
+    from kernels.attention import gpu_bwd
+
+    q, k, v, kv_len_B, out, lse_BNT = res
+    dq, dk, dv = gpu_bwd.backward(q, k, v, kv_len_B, out, lse_BNT, do_BTNH, cfg)
+    return dq, dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -491,7 +501,7 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ):
-    """Flash attention forward on Hopper GPUs; queries are the last ``T`` of the ``S`` keys.
+    """Flash attention on Hopper GPUs; queries are the last ``T`` of the ``S`` keys.
 
     Args:
       q_BTNH: queries; query ``t`` sits at position ``S - T + t``.
@@ -507,8 +517,8 @@ def flash_attention(
       interpret: run the kernel in Mosaic GPU interpret mode (CPU).
 
     Returns:
-      ``[B, T, N, H]`` in the dtype of ``q``; rows with no visible key are zeros. Not
-      differentiable: ``jax.grad`` raises ``ValueError``.
+      ``[B, T, N, H]`` in the dtype of ``q``; rows with no visible key are zeros.
+      Differentiable: the backward is ``gpu_bwd.backward``.
     """
     _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret)
     B, T, _, H = q_BTNH.shape
