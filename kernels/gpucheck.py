@@ -262,7 +262,7 @@ def sweep_backward(dtype=jnp.bfloat16) -> None:
 
         return jax.jit(fn)
 
-    variants = [None, (64, 64, 2), (64, 64, 3), (64, 128, 2), (128, 64, 2), None, (64, 64, 2)]
+    variants = [None, (64, 64, 2), (64, 64, 3), (64, 128, 2), None, (64, 64, 2)]
     for variant in variants:
         if variant is None:
             s = _time(cudnn, (q, k, v))
@@ -279,23 +279,18 @@ def sweep_backward(dtype=jnp.bfloat16) -> None:
         _emit(record)
 
 
-def run_bench() -> None:
-    for phase in ("prefill", "decode"):
+_PREFILL_IMPLS = {"jax_cudnn", "kestrel_pallas_gpu", "kestrel_xla", "jax_pallas_triton_mha",
+                  "jax_pallas_mgpu", "kestrel_cudnn", "tokamax"}  # fmt: skip
+_BWD_IMPLS = {"jax_cudnn", "kestrel_pallas_gpu"}
+
+
+def run_bench(backward_only: bool = False) -> None:
+    for phase in ("prefill",) if backward_only else ("prefill", "decode"):
         bench.bench_attention_shape(
             bench.SHAPES[phase],
             dtype=jnp.dtype(jnp.bfloat16),
-            passes=["fwd", "bwd"] if phase == "prefill" else ["fwd"],
-            impls=None
-            if phase == "decode"
-            else {
-                "jax_cudnn",
-                "kestrel_pallas_gpu",
-                "kestrel_xla",
-                "jax_pallas_triton_mha",
-                "jax_pallas_mgpu",
-                "kestrel_cudnn",
-                "tokamax",
-            },  # fmt: skip
+            passes=["bwd"] if backward_only else ["fwd", "bwd"] if phase == "prefill" else ["fwd"],
+            impls=None if phase == "decode" else _BWD_IMPLS if backward_only else _PREFILL_IMPLS,
             repeats=10,
             warmup=2,
             emit=lambda r: _emit({"step": "bench", **r}),
@@ -316,6 +311,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.gpucheck")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--only", default="correct,correct_bwd,sweep,sweep_bwd,bench")
+    parser.add_argument("--backward-only", action="store_true", help="bench: prefill bwd only")
     parser.add_argument("--select", default="", help="correctness cases containing this text")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -328,6 +324,8 @@ def main(argv=None) -> int:
         try:
             if step == "correct":
                 check_correct(select=args.select)
+            elif step == "bench":
+                run_bench(backward_only=args.backward_only)
             elif step == "sweep":
                 sweep_prefill()
                 sweep_decode()

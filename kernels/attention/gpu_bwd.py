@@ -209,7 +209,7 @@ def _dq_kernel(
         tile,
         plgpu.SMEM((bq,), jnp.float32),
         plgpu.SMEM((bq,), jnp.float32),
-        plgpu.Barrier(num_arrivals=4),
+        plgpu.Barrier(num_arrivals=4, num_barriers=1),
     )
 
 
@@ -273,7 +273,7 @@ def _dkv_kernel(
         plgpu.wait_smem_to_gmem(0)
 
     tile = plgpu.SMEM((bk, H), k_ref.dtype, transforms=gpu.smem_transforms(H, k_ref.dtype))
-    pl.run_scoped(scoped, tile, tile, plgpu.Barrier(num_arrivals=2))
+    pl.run_scoped(scoped, tile, tile, plgpu.Barrier(num_arrivals=2, num_barriers=1))
 
 
 def _meta_table(first_BX, count_BX, kv_len_B, q_off: int):
