@@ -102,8 +102,7 @@ def check_correct(dtype=jnp.bfloat16, select: str = "") -> None:
             )
             record["rel_err"] = _rel(out.astype(jnp.float32), ref)
         except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-3000:]
+            record.update(_failure(e))
         _emit(record)
     for T, S, starts, lengths in [(16, 2048, (0, 700, 2000), (16, 716, 2016))]:
         if not any(t in f"cached {T} {S}" for t in select.split("|")):
@@ -118,8 +117,7 @@ def check_correct(dtype=jnp.bfloat16, select: str = "") -> None:
             ref = kattn.cached_attention(*f32, *args[3:], impl="reference")
             record["rel_err"] = _rel(out.astype(jnp.float32), ref)
         except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-3000:]
+            record.update(_failure(e))
         _emit(record)
     for B, S, N, K, H, kw in DECODE_CASES:
         if not any(t in repr((B, S, N, K, H, kw)) for t in select.split("|")):
@@ -134,8 +132,7 @@ def check_correct(dtype=jnp.bfloat16, select: str = "") -> None:
             ref = kattn.decode_attention(*f32, lengths, impl="reference", **kw)
             record["rel_err"] = _rel(out.astype(jnp.float32), ref)
         except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-3000:]
+            record.update(_failure(e))
         _emit(record)
 
 
@@ -143,67 +140,69 @@ def _time(fn, args, repeats=10):
     return bench.time_call(fn, args, repeats=repeats, warmup=2)
 
 
+def _failure(e: Exception, keep: int = 3000) -> dict:
+    return {"error": bench._reason(e), "trace": traceback.format_exc()[-keep:]}
+
+
+def _sweep(step, variants, baseline, args, build, describe, work, unit):
+    """Times ``build(variant)`` on ``args`` per variant; ``None`` times the cuDNN ``baseline``
+    (listed twice in each sweep, first and midway, to show the drift)."""
+    for variant in variants:
+        if variant is None:
+            s = _time(baseline, args)
+            _emit({"step": step, "impl": "jax_cudnn", "seconds": s, unit: work / s / 1e12})
+            continue
+        record = {"step": step, "impl": "kestrel_pallas_gpu", **describe(variant)}
+        try:
+            s = _time(build(variant), args)
+            record.update({"seconds": s, unit: work / s / 1e12})
+        except Exception as e:
+            record.update(_failure(e, 2000))
+        _emit(record)
+
+
 def sweep_prefill(dtype=jnp.bfloat16) -> None:
     shape = bench.SHAPES["prefill"]
     q, k, v = bench._inputs(shape, dtype)
-    work = bench._work(shape, "fwd", 2)["flops"]
-    cudnn = jax.jit(
-        lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"
-        )
-    )
+
+    def build(variant):
+        bq, bk, st, wgs, skip, in_place = variant
+        gpu.SKIP_INTERIOR_MASKS, gpu.ACCUMULATE_IN_PLACE = skip, in_place
+        jax.clear_caches()
+        bs = gpu.BlockSizes(block_q=bq, block_kv=bk, num_stages=st, compute_warpgroups=wgs)
+        return jax.jit(lambda q, k, v: gpu.flash_attention(q, k, v, block_sizes=bs))
+
+    def describe(variant):
+        return {"block": variant[:4], "skip_interior_masks": variant[4], "in_place": variant[5]}
+
     # (block_q, block_kv, num_stages, compute_warpgroups, skip interior masks, in-place P V)
     variants = [None, (64, 128, 3, 2, True, True), (64, 128, 3, 2, True, False),
                 (64, 128, 2, 2, True, True), (64, 64, 2, 1, True, True), None,
                 (64, 128, 3, 2, True, True), (64, 128, 3, 2, True, False)]  # fmt: skip
-    for variant in variants:
-        if variant is None:
-            s = _time(cudnn, (q, k, v))
-            _emit({"step": "sweep_prefill", "impl": "jax_cudnn", "seconds": s,
-                   "tflop_per_s": work / s / 1e12})  # fmt: skip
-            continue
-        bq, bk, st, wgs, skip, in_place = variant
-        record = {"step": "sweep_prefill", "impl": "kestrel_pallas_gpu", "block": [bq, bk, st, wgs],
-                  "skip_interior_masks": skip, "in_place": in_place}  # fmt: skip
-        gpu.SKIP_INTERIOR_MASKS, gpu.ACCUMULATE_IN_PLACE = skip, in_place
+    cudnn = bench.PREFILL_IMPLS["jax_cudnn"](shape, q, k, v).fn
+    work = bench._work(shape, "fwd", 2)["flops"]
+    try:
+        _sweep("sweep_prefill", variants, cudnn, (q, k, v), build, describe, work, "tflop_per_s")
+    finally:
+        gpu.SKIP_INTERIOR_MASKS = gpu.ACCUMULATE_IN_PLACE = True
         jax.clear_caches()
-        try:
-            bs = gpu.BlockSizes(block_q=bq, block_kv=bk, num_stages=st, compute_warpgroups=wgs)
-            fn = jax.jit(lambda q, k, v, bs=bs: gpu.flash_attention(q, k, v, block_sizes=bs))
-            s = _time(fn, (q, k, v))
-            record.update(seconds=s, tflop_per_s=work / s / 1e12)
-        except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-2000:]
-        _emit(record)
-    gpu.ACCUMULATE_IN_PLACE = True
-    gpu.SKIP_INTERIOR_MASKS = True
-    jax.clear_caches()
 
 
 def sweep_decode(dtype=jnp.bfloat16) -> None:
     shape = bench.SHAPES["decode"]
     q, k, v, lengths = bench._inputs(shape, dtype)
-    nbytes = bench._work(shape, "fwd", 2)["bytes"]
-    cudnn = bench.DECODE_IMPLS["jax_cudnn"](shape, q, k, v, lengths).fn
+
+    def build(variant):
+        blocks = gpu_decode.DecodeBlockSizes(*variant)
+        return jax.jit(lambda *a: gpu_decode.decode_attention(*a, block_sizes=blocks))
+
+    # (block_s, num_partitions, num_stages)
     variants = [None, (128, 1, 2), (64, 1, 3), (64, 1, 2), (128, 2, 2), None, (128, 1, 2),
                 (64, 1, 3), (64, 2, 3)]  # fmt: skip
-    for variant in variants:
-        if variant is None:
-            s = _time(cudnn, (q, k, v, lengths))
-            _emit({"step": "sweep_decode", "impl": "jax_cudnn", "seconds": s,
-                   "tb_per_s": nbytes / s / 1e12})  # fmt: skip
-            continue
-        record = {"step": "sweep_decode", "impl": "kestrel_pallas_gpu", "block": list(variant)}
-        try:
-            blocks = gpu_decode.DecodeBlockSizes(*variant)
-            fn = jax.jit(lambda *a, b=blocks: gpu_decode.decode_attention(*a, block_sizes=b))
-            s = _time(fn, (q, k, v, lengths))
-            record.update(seconds=s, tb_per_s=nbytes / s / 1e12)
-        except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-2000:]
-        _emit(record)
+    cudnn = bench.DECODE_IMPLS["jax_cudnn"](shape, q, k, v, lengths).fn
+    nbytes = bench._work(shape, "fwd", 2)["bytes"]
+    describe = lambda variant: {"block": list(variant)}
+    _sweep("sweep_decode", variants, cudnn, (q, k, v, lengths), build, describe, nbytes, "tb_per_s")
 
 
 BWD_CASES = [
@@ -239,8 +238,7 @@ def check_backward(dtype=jnp.bfloat16) -> None:
             for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
                 record[f"rel_err_{name}"] = _rel(g.astype(jnp.float32), w)
         except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-3000:]
+            record.update(_failure(e))
         _emit(record)
 
 
@@ -265,20 +263,9 @@ def sweep_backward(dtype=jnp.bfloat16) -> None:
         return jax.jit(fn)
 
     variants = [None, (64, 64, 2), (64, 64, 3), (64, 128, 2), None, (64, 64, 2)]
-    for variant in variants:
-        if variant is None:
-            s = _time(cudnn, (q, k, v))
-            _emit({"step": "sweep_bwd", "impl": "jax_cudnn", "seconds": s,
-                   "tflop_per_s": work / s / 1e12})  # fmt: skip
-            continue
-        record = {"step": "sweep_bwd", "impl": "kestrel_pallas_gpu", "block": list(variant)}
-        try:
-            s = _time(fwd_bwd(gpu_bwd.BwdBlockSizes(*variant)), (q, k, v))
-            record.update(seconds=s, tflop_per_s=work / s / 1e12)
-        except Exception as e:
-            record["error"] = bench._reason(e)
-            record["trace"] = traceback.format_exc()[-2000:]
-        _emit(record)
+    build = lambda variant: fwd_bwd(gpu_bwd.BwdBlockSizes(*variant))
+    describe = lambda variant: {"block": list(variant)}
+    _sweep("sweep_bwd", variants, cudnn, (q, k, v), build, describe, work, "tflop_per_s")
 
 
 _PREFILL_IMPLS = {"jax_cudnn", "kestrel_pallas_gpu", "kestrel_xla", "jax_pallas_triton_mha",
@@ -334,9 +321,7 @@ def main(argv=None) -> int:
             else:
                 STEPS[step]()
         except Exception as e:
-            _emit(
-                {"step": step, "error": bench._reason(e), "trace": traceback.format_exc()[-3000:]}
-            )
+            _emit({"step": step, **_failure(e)})
         _emit({"step": step, "done_s": round(time.time() - t0, 1)})
     return 0
 
