@@ -102,3 +102,25 @@ def test_vs_cudnn_is_the_time_ratio_to_the_cudnn_record(monkeypatch):
     assert cudnn["vs_cudnn"] == 1.0
     assert xla["vs_cudnn"] == pytest.approx(cudnn["seconds"] / xla["seconds"])
     assert xla["max_abs_err"] < 1e-4
+
+
+def test_quant_records_on_cpu():
+    """`kernels.bench quant --small`: every case measures the bf16 baseline and the XLA
+    dequantize-then-matmul path, and says why the Pallas and GPU-only baselines are skipped."""
+    result = _run("quant", "--small", "--repeats", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    cases = {(r["scheme"], r["group_size"], r["activations"]) for r in records}
+    assert cases == {("int8", None, None), ("int4", 128, None), ("int8", None, "int8")}
+    for r in records:
+        assert r["op"] == "quant" and ("skipped" in r) != ("seconds" in r), r
+        if r["impl"] == "kestrel_xla":
+            assert r["rel_err_vs_reference"] < 1e-2 and r["vs_bf16"] > 0
+            unit = "tb_per_s" if r["phase"] == "decode" else "tflop_per_s"
+            assert r[unit] > 0
+        if r["impl"] == "jax_bf16" and r["phase"] == "decode":
+            assert r["weight_bytes"] == r["K"] * r["N"] * 2  # bf16 weights, read once
+        if r["impl"] in ("kestrel_pallas_gpu", "jax_pallas_mixed_mgpu"):
+            assert "gpu" in r["skipped"].lower()
+    bad = _run("quant", "--impls", "kestrel_cuda")
+    assert bad.returncode == 2 and "unknown impls ['kestrel_cuda']" in bad.stderr
