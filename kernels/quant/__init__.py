@@ -7,10 +7,14 @@ scales per output column or per group of ``group_size`` rows). Implementations (
   ``reference``  plain jnp, the weight dequantized to float32: the oracle.
   ``xla``        the weight dequantized to the dtype of ``x`` and one XLA matmul (what XLA
                  fuses by itself; the baseline the kernels beat).
-  ``pallas_tpu`` the Pallas Mosaic TPU kernel (``tpu.py``), on a TPU or with ``interpret``.
+  ``pallas_tpu`` the Pallas Mosaic TPU kernel (``tpu.py``), on a TPU or with ``interpret``:
+                 weight tiles travel quantized and are dequantized in VMEM; W8A8 included;
+                 grouped weights need ``group_size % 128 == 0``.
   ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``, Hopper), on a GPU or with
-                 ``interpret``.
-  ``auto``       ``xla`` until the Pallas kernels are measured faster on their hardware.
+                 ``interpret``: weight-only (the dequantized tile is the wgmma's register
+                 operand); W8A8 raises (an 8-bit wgmma needs a K-major weight copy).
+  ``auto``       ``xla`` until the Pallas kernels are measured faster on their hardware
+                 (neither has run on a TPU or GPU yet).
 
 Example::
 
