@@ -8,6 +8,16 @@ from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
 from models.generate import GenerateResult, generate
 from models.lm import LM, abstract, build, count_params, register_channel, register_mixer
+from models.quantize import (
+    QuantizedEinsum,
+    QuantRecipe,
+    calibrate,
+    layer_bytes,
+    load_quantized,
+    param_bytes,
+    quantize,
+    save_quantized,
+)
 from models.state import DecodeState, KVCache, Segment
 
 __all__ = [
@@ -16,15 +26,23 @@ __all__ = [
     "GenerateResult",
     "KVCache",
     "ModelConfig",
+    "QuantRecipe",
+    "QuantizedEinsum",
     "RopeScaling",
     "Segment",
     "abstract",
     "build",
+    "calibrate",
     "count_params",
     "generate",
     "get_config",
     "hf",
+    "layer_bytes",
     "list_configs",
+    "load_quantized",
+    "param_bytes",
+    "quantize",
     "register_channel",
     "register_mixer",
+    "save_quantized",
 ]
