@@ -3,6 +3,10 @@
 Calls ``kernels.attention`` for all attention math: ``attention`` over a fresh chunk (full
 forward, prefill), ``decode_attention`` for one-token steps against the KV cache, and
 ``cached_attention`` for multi-token chunks appended to a non-empty cache.
+
+With ``kv_cache_dtype="int8"`` the cache stores int8 keys/values with per-token-per-head
+scales, passed to the kernels beside them. A fresh chunk (prefill) attends to its own float
+keys and values; only later calls read the quantized cache.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ _ATTN_Q = ("attn_batch", "act_seq", "attn_heads", "head_dim")
 _REGROUP_Q = ("attn_regroup_batch", "act_seq", "act_heads", "head_dim")
 _ATTN_KV = ("attn_batch", "act_seq", "cache_heads", "head_dim")
 _CACHE = ("cache_batch", "cache_seq", "cache_heads", "head_dim")
+_CACHE_SCALE = ("cache_batch", "cache_seq", "cache_heads")
+_CACHE_DTYPES = {None: None, "int8": jnp.int8}  # None: the compute dtype
 
 
 class Attention(nnx.Module):
@@ -49,7 +55,8 @@ class Attention(nnx.Module):
         )
         self.window = cfg.window(layer)
         self.impl, self.interpret = cfg.attention_impl, cfg.attention_interpret
-        self.num_kv_heads, self.head_dim, self.cache_dtype = K, H, dt
+        self.num_kv_heads, self.head_dim = K, H
+        self.cache_dtype = _CACHE_DTYPES[cfg.kv_cache_dtype] or dt
         self.rope = (H, cfg.rope_theta, cfg.rope_scaling)
 
     def init_state(self, batch: int, max_len: int) -> KVCache:
@@ -67,17 +74,28 @@ class Attention(nnx.Module):
         opts = dict(sliding_window=self.window, impl=self.impl, interpret=self.interpret)
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)
-            cache = KVCache(shard_as(cache.k_BSKH, _CACHE), shard_as(cache.v_BSKH, _CACHE))
+            scales = (cache.k_scale_BSK, cache.v_scale_BSK) if cache.quantized else ()
+            cache = KVCache(
+                shard_as(cache.k_BSKH, _CACHE),
+                shard_as(cache.v_BSKH, _CACHE),
+                *(shard_as(s, _CACHE_SCALE) for s in scales),
+            )
+            cached_opts = dict(opts, k_scale_BSK=cache.k_scale_BSK, v_scale_BSK=cache.v_scale_BSK)
         if segment.fresh:
             out_BTNH = attn_ops.attention(q_BTNH, k_BTKH, v_BTKH, lengths=segment.lengths_B, **opts)
         elif segment.num_tokens == 1:
             out_BNH = attn_ops.decode_attention(
-                q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH, segment.lengths_B, **opts
+                q_BTNH[:, 0], cache.k_BSKH, cache.v_BSKH, segment.lengths_B, **cached_opts
             )
             out_BTNH = out_BNH[:, None]
         else:
             out_BTNH = attn_ops.cached_attention(
-                q_BTNH, cache.k_BSKH, cache.v_BSKH, segment.starts_B, segment.lengths_B, **opts
+                q_BTNH,
+                cache.k_BSKH,
+                cache.v_BSKH,
+                segment.starts_B,
+                segment.lengths_B,
+                **cached_opts,
             )
         out_BTNH = shard_as(shard_as(shard_as(out_BTNH, _ATTN_Q), _REGROUP_Q), _PROJ_Q)
         return self.o(out_BTNH), cache

@@ -17,6 +17,7 @@ from collections.abc import Callable
 MLP_KINDS = ("swiglu", "geglu", "gelu")
 NORM_KINDS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = (None, "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ModelConfig:
       param_dtype / dtype: storage dtype of the weights and compute dtype of activations.
       attention_impl: the ``impl`` passed to ``kernels.attention``.
       attention_interpret: run a Pallas ``attention_impl`` in interpret mode (CPU tests).
+      kv_cache_dtype: ``None`` keeps the KV cache in ``dtype``; ``"int8"`` stores it as int8
+        with one float32 scale per token and kv head (``models.state.KVCache``).
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
       source: where the published shape comes from.
     """
@@ -84,6 +87,7 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: str = "auto"
     attention_interpret: bool = False
+    kv_cache_dtype: str | None = None
     init_std: float = 0.02
     hf_architecture: str | None = None
     source: str = ""
@@ -105,6 +109,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORM_KINDS)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
@@ -157,7 +162,7 @@ class ModelConfig:
         return cls(**d)
 
 
-def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> None:
+def _check_choice(field: str, value: str | None, valid: tuple[str | None, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {field} {value!r}; valid: {list(valid)}")
 

@@ -63,36 +63,88 @@ class Segment:
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer, ``[B, S, K, H]`` each."""
+    """Keys and values of one attention layer, ``[B, S, K, H]`` each.
+
+    A float cache holds ``k_BSKH`` / ``v_BSKH`` in the compute dtype and no scales. An int8
+    cache (``zeros(..., dtype=jnp.int8)``) holds int8 values and float32 scales ``[B, S, K]``,
+    one per token and kv head: ``k = k_BSKH * k_scale_BSK[..., None]`` (symmetric absmax over
+    ``H``, ``scale = absmax / 127``, 1.0 where the row is all zeros), about half the bytes of
+    bfloat16 for ``H >> 4``.
+    """
 
     k_BSKH: jax.Array
     v_BSKH: jax.Array
+    k_scale_BSK: jax.Array | None = None
+    v_scale_BSK: jax.Array | None = None
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        """An empty cache; ``dtype=jnp.int8`` gives the quantized one."""
         shape = (batch, max_len, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if jnp.dtype(dtype) != jnp.int8:
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        ones = jnp.ones(shape[:3], jnp.float32)
+        return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), ones, ones)
 
-    def write(self, k_BTKH, v_BTKH, segment: Segment) -> KVCache:
-        """Store the chunk at positions ``starts[b] + t``; writes past the end are dropped."""
-        B, T = k_BTKH.shape[:2]
-        if segment.fresh and self.k_BSKH.shape[1] >= T:
-            # Positions 0..T-1 for every row: a contiguous slice write, cheaper than a scatter.
-            k = jax.lax.dynamic_update_slice_in_dim(self.k_BSKH, k_BTKH.astype(self.dtype), 0, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(self.v_BSKH, v_BTKH.astype(self.dtype), 0, 1)
-            return KVCache(k, v)
-        if T == 1:
-            return KVCache(_write_one(self.k_BSKH, k_BTKH, segment.starts_B),
-                           _write_one(self.v_BSKH, v_BTKH, segment.starts_B))  # fmt: skip
-        b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-        pos_BT = segment.positions_BT
-        k = self.k_BSKH.at[b_BT, pos_BT].set(k_BTKH.astype(self.dtype), mode="drop")
-        v = self.v_BSKH.at[b_BT, pos_BT].set(v_BTKH.astype(self.dtype), mode="drop")
-        return KVCache(k, v)
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale_BSK is not None
 
     @property
     def dtype(self):
         return self.k_BSKH.dtype
+
+    def write(self, k_BTKH, v_BTKH, segment: Segment) -> KVCache:
+        """Store the chunk at positions ``starts[b] + t``; writes past the end are dropped.
+
+        An int8 cache quantizes the chunk first and stores values and scales alike.
+        """
+        if self.quantized:
+            (k_BTKH, ks_BTK), (v_BTKH, vs_BTK) = quantize_kv(k_BTKH), quantize_kv(v_BTKH)
+            new = (k_BTKH, v_BTKH, ks_BTK, vs_BTK)
+        else:
+            new = (k_BTKH, v_BTKH)
+        old = (self.k_BSKH, self.v_BSKH, self.k_scale_BSK, self.v_scale_BSK)[: len(new)]
+        B, T = k_BTKH.shape[:2]
+        if segment.fresh and self.k_BSKH.shape[1] >= T:
+            # Positions 0..T-1 for every row: a contiguous slice write, cheaper than a scatter.
+            out = [
+                jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, 1)
+                for c, x in zip(old, new, strict=True)
+            ]
+        elif T == 1:
+            out = [_write_one(c, x, segment.starts_B) for c, x in zip(old, new, strict=True)]
+        else:
+            b_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            pos_BT = segment.positions_BT
+            out = [
+                c.at[b_BT, pos_BT].set(x.astype(c.dtype), mode="drop")
+                for c, x in zip(old, new, strict=True)
+            ]
+        return KVCache(*out)
+
+    def dequantized(self, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """``(k_BSKH, v_BSKH)`` as float ``dtype`` (a cast for a float cache)."""
+        if not self.quantized:
+            return self.k_BSKH.astype(dtype), self.v_BSKH.astype(dtype)
+        return (
+            dequantize_kv(self.k_BSKH, self.k_scale_BSK, dtype),
+            dequantize_kv(self.v_BSKH, self.v_scale_BSK, dtype),
+        )
+
+
+def quantize_kv(x_BTKH) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 over the last axis: ``(int8 [B, T, K, H], float32 scales [B, T, K])``."""
+    x_BTKH = x_BTKH.astype(jnp.float32)
+    absmax_BTK = jnp.max(jnp.abs(x_BTKH), axis=-1)
+    scale_BTK = jnp.where(absmax_BTK > 0, absmax_BTK / 127.0, 1.0)
+    q_BTKH = jnp.clip(jnp.round(x_BTKH / scale_BTK[..., None]), -127, 127).astype(jnp.int8)
+    return q_BTKH, scale_BTK
+
+
+def dequantize_kv(q_BSKH, scale_BSK, dtype=jnp.float32) -> jax.Array:
+    """``q * scale`` in float32, cast to ``dtype``."""
+    return (q_BSKH.astype(jnp.float32) * scale_BSK[..., None].astype(jnp.float32)).astype(dtype)
 
 
 def _write_one(cache_BSKH, new_B1KH, starts_B):
@@ -102,7 +154,7 @@ def _write_one(cache_BSKH, new_B1KH, starts_B):
     by batch over devices updates in place without gathering indices or updates.
     """
 
-    def row(cache_SKH, new_1KH, start):
+    def row(cache_SKH, new_1KH, start):  # also [S, K] / [1, K] rows of scales
         S = cache_SKH.shape[0]
         at = jnp.minimum(start, S - 1)
         old_1KH = jax.lax.dynamic_slice_in_dim(cache_SKH, at, 1, 0)

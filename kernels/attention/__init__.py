@@ -21,6 +21,13 @@ Implementations (``impl``):
                  ``pallas_gpu`` on a Hopper GPU for bfloat16/float16 with ``H`` a multiple of 64
                  up to 256; ``xla`` otherwise (``cached_attention`` has no TPU kernel yet).
 
+int8 KV caches: ``decode_attention`` and ``cached_attention`` also take an int8 cache with one
+float scale per token and kv head (``k_scale_BSK``, ``v_scale_BSK``; the cache holds
+``k_BSKH * k_scale_BSK[..., None]``). ``reference`` and ``xla`` dequantize it (to float32 /
+the dtype of ``q``) and run the math above; ``pallas_tpu`` reads int8 tiles and dequantizes in
+VMEM (``tpu_decode.decode_attention_int8``; decode only); ``pallas_gpu`` has no int8 kernel yet,
+so ``auto`` picks ``xla`` there.
+
 Unsupported (impl, option) pairs raise ``ValueError`` naming the option; no path silently falls
 back to another.
 
@@ -44,11 +51,11 @@ _JNP_IMPLS = ("reference", "xla")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _resolve_impl(impl: str, q, *, tpu: bool = True) -> str:
+def _resolve_impl(impl: str, q, *, tpu: bool = True, gpu: bool = True) -> str:
     """``impl``, with ``auto`` resolved for query ``q`` on the running backend: the Pallas TPU
     kernels on a TPU (where the op has one: ``tpu``); on a Hopper GPU (compute capability 9.x,
-    for wgmma) the Pallas Mosaic GPU kernels for float16/bfloat16 with ``H`` a multiple of 64
-    up to 256; else ``xla``."""
+    for wgmma) the Pallas Mosaic GPU kernels (where the op has one: ``gpu``) for
+    float16/bfloat16 with ``H`` a multiple of 64 up to 256; else ``xla``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {list(IMPLS)}")
     if impl != "auto":
@@ -56,7 +63,7 @@ def _resolve_impl(impl: str, q, *, tpu: bool = True) -> str:
     backend = jax.default_backend()
     if backend == "tpu" and tpu:
         return "pallas_tpu"
-    if backend == "gpu" and _is_hopper() and q.dtype in (jnp.bfloat16, jnp.float16):
+    if gpu and backend == "gpu" and _is_hopper() and q.dtype in (jnp.bfloat16, jnp.float16):
         H = q.shape[-1]
         if H % 64 == 0 and H <= 256:
             return "pallas_gpu"
@@ -125,7 +132,9 @@ def _cudnn_attention(q, k, v, *, causal, sliding_window, lengths, softcap, scale
     )
 
 
-def _check_qkv(q, k, v, q_name: str, q_rank: int) -> None:
+def _check_qkv(q, k, v, q_name: str, q_rank: int, *, quantized: bool = False) -> None:
+    """Shapes and dtypes of q/k/v: all one float dtype, or (``quantized``) float ``q`` with
+    int8 ``k`` and ``v``."""
     if q.ndim != q_rank:
         raise ValueError(f"{q_name} must have rank {q_rank}, got shape {q.shape}")
     if k.ndim != 4 or k.shape != v.shape:
@@ -140,7 +149,15 @@ def _check_qkv(q, k, v, q_name: str, q_rank: int) -> None:
     K = k.shape[2]
     if N % K:
         raise ValueError(f"query heads N={N} not divisible by kv heads K={K}")
+    if quantized:  # k and v int8: checked with their scales by _check_scales
+        if q.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{q_name} must be a float array, got {q.dtype}")
+        return
     for name, a in ((q_name, q), ("k", k), ("v", v)):
+        if a.dtype == jnp.int8 and name != q_name:
+            raise ValueError(
+                f"{name} is an int8 cache: pass its scales as k_scale_BSK and v_scale_BSK"
+            )
         if a.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be a float array, got {a.dtype}")
     if not q.dtype == k.dtype == v.dtype:
@@ -148,6 +165,45 @@ def _check_qkv(q, k, v, q_name: str, q_rank: int) -> None:
             f"{q_name}, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}; "
             "cast them first"
         )
+
+
+def _check_scales(k, v, k_scale, v_scale) -> bool:
+    """Whether the cache is int8 with scales; raises on a half-given pair, on scales of a float
+    cache, and on scales whose shape is not ``k.shape[:3]``."""
+    if k_scale is None and v_scale is None:
+        return False
+    if k_scale is None or v_scale is None:
+        raise ValueError("an int8 cache needs both k_scale_BSK and v_scale_BSK, got only one")
+    if k.dtype != jnp.int8 or v.dtype != jnp.int8:
+        raise ValueError(
+            f"k_scale_BSK/v_scale_BSK are for an int8 cache, but k and v are {k.dtype} and "
+            f"{v.dtype}; drop the scales or pass int8 k and v"
+        )
+    want = k.shape[:3]
+    if k_scale.shape != want or v_scale.shape != want:
+        raise ValueError(
+            f"k_scale_BSK and v_scale_BSK must be [B, S, K] = {want}, got {k_scale.shape} and "
+            f"{v_scale.shape}"
+        )
+    for name, a in (("k_scale_BSK", k_scale), ("v_scale_BSK", v_scale)):
+        if a.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float array, got {a.dtype}")
+    return True
+
+
+def _no_int8_gpu(impl: str, op: str) -> None:
+    if impl == "pallas_gpu":
+        raise ValueError(
+            f"{op}: impl='pallas_gpu' has no int8 KV-cache kernel yet; use impl='xla' "
+            "(or 'auto', which picks it on GPUs for int8 caches)"
+        )
+
+
+def _dequantized(k, v, k_scale, v_scale, dtype):
+    """Float ``k``/``v`` of an int8 cache: ``k * k_scale`` in float32, cast to ``dtype``."""
+    k = k.astype(jnp.float32) * k_scale.astype(jnp.float32)[..., None]
+    v = v.astype(jnp.float32) * v_scale.astype(jnp.float32)[..., None]
+    return k.astype(dtype), v.astype(dtype)
 
 
 def _check_lengths(lengths, B: int, name: str) -> None:
@@ -232,6 +288,8 @@ def decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    k_scale_BSK=None,
+    v_scale_BSK=None,
     impl: str = "auto",
     interpret: bool = False,
 ):
@@ -240,18 +298,31 @@ def decode_attention(
     Args:
       q_BNH: the query of the token at position ``lengths[b] - 1``.
       k_BSKH, v_BSKH: the cache; its first ``lengths[b]`` positions are valid and include the
-        new token's own key and value.
+        new token's own key and value. Float (the dtype of ``q``), or int8 with scales.
       lengths_B: int ``[B]`` valid cache positions per sequence.
+      k_scale_BSK, v_scale_BSK: float ``[B, S, K]`` scales of an int8 cache (both or neither).
 
     Returns:
       ``[B, N, H]`` in the dtype of ``q``.
     """
-    _check_qkv(q_BNH, k_BSKH, v_BSKH, "q_BNH", 3)
-    impl = _resolve_impl(impl, q_BNH)
+    quantized = _check_scales(k_BSKH, v_BSKH, k_scale_BSK, v_scale_BSK)
+    _check_qkv(q_BNH, k_BSKH, v_BSKH, "q_BNH", 3, quantized=quantized)
+    impl = _resolve_impl(impl, q_BNH, gpu=not quantized)
     _check_options(sliding_window, softcap)
     _check_lengths(lengths_B, q_BNH.shape[0], "lengths_B")
     if scale is None:
         scale = q_BNH.shape[-1] ** -0.5
+    if quantized:
+        _no_int8_gpu(impl, "decode_attention")
+        if impl == "pallas_tpu":
+            module = _pallas_module(impl, "tpu_decode", interpret)
+            return module.decode_attention_int8(
+                q_BNH, k_BSKH, v_BSKH, k_scale_BSK, v_scale_BSK, lengths_B,
+                sliding_window=sliding_window, softcap=softcap, scale=scale, interpret=interpret,
+            )  # fmt: skip
+        _require_jnp(impl, "decode_attention", ("pallas_tpu",))
+        dtype = jnp.float32 if impl == "reference" else q_BNH.dtype
+        k_BSKH, v_BSKH = _dequantized(k_BSKH, v_BSKH, k_scale_BSK, v_scale_BSK, dtype)
     if impl in _PALLAS_BACKEND:
         module = _pallas_module(
             impl, {"pallas_tpu": "tpu_decode"}.get(impl, "gpu_decode"), interpret
@@ -294,23 +365,32 @@ def cached_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    k_scale_BSK=None,
+    v_scale_BSK=None,
     impl: str = "auto",
     interpret: bool = False,
 ):
     """A chunk of ``T`` new queries per sequence against a KV cache (chunked prefill, verify).
 
     Generalises ``decode_attention`` to ``T > 1``: query ``t`` of sequence ``b`` sits at
-    position ``starts[b] + t`` and sees cache positions ``< lengths[b]`` causally.
+    position ``starts[b] + t`` and sees cache positions ``< lengths[b]`` causally. An int8
+    cache with ``k_scale_BSK`` / ``v_scale_BSK`` as in ``decode_attention`` (jnp paths only).
 
     Returns:
       ``[B, T, N, H]`` in the dtype of ``q``.
     """
-    _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4)
-    impl = _resolve_impl(impl, q_BTNH, tpu=False)
+    quantized = _check_scales(k_BSKH, v_BSKH, k_scale_BSK, v_scale_BSK)
+    _check_qkv(q_BTNH, k_BSKH, v_BSKH, "q_BTNH", 4, quantized=quantized)
+    impl = _resolve_impl(impl, q_BTNH, tpu=False, gpu=not quantized)
     _check_options(sliding_window, softcap)
     B, T = q_BTNH.shape[:2]
     _check_lengths(starts_B, B, "starts_B")
     _check_lengths(lengths_B, B, "lengths_B")
+    if quantized:
+        _no_int8_gpu(impl, "cached_attention")
+        _require_jnp(impl, "cached_attention")
+        dtype = jnp.float32 if impl == "reference" else q_BTNH.dtype
+        k_BSKH, v_BSKH = _dequantized(k_BSKH, v_BSKH, k_scale_BSK, v_scale_BSK, dtype)
     if impl == "pallas_gpu":
         module = _pallas_module(impl, "gpu", interpret)
         return module.cached_attention(
