@@ -360,6 +360,17 @@ def _print(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _parse_impls(parser, tokens, valid: list[str]) -> set[str] | None:
+    """``--impls`` (space and/or comma separated) as a set; unknown names exit with the list."""
+    if tokens is None:
+        return None
+    impls = {name for token in tokens for name in token.split(",") if name}
+    unknown = sorted(impls - set(valid))
+    if unknown:
+        parser.error(f"unknown impls {unknown}; valid: {valid}")
+    return impls
+
+
 def attention_main(argv: Sequence[str]) -> int:
     valid = sorted(set(PREFILL_IMPLS) | set(DECODE_IMPLS))
     parser = argparse.ArgumentParser(
@@ -375,12 +386,7 @@ def attention_main(argv: Sequence[str]) -> int:
     parser.add_argument("--backward", action="store_true", help="also time prefill gradients")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU, seconds)")
     args = parser.parse_args(argv)
-    impls = None
-    if args.impls is not None:
-        impls = {name for token in args.impls for name in token.split(",") if name}
-        unknown = sorted(impls - set(valid))
-        if unknown:
-            parser.error(f"unknown impls {unknown}; valid: {valid}")
+    impls = _parse_impls(parser, args.impls, valid)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     table = SMALL_SHAPES if args.small else SHAPES
@@ -512,12 +518,7 @@ def quant_main(argv: Sequence[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU, seconds)")
     args = parser.parse_args(argv)
-    impls = None
-    if args.impls is not None:
-        impls = {name for token in args.impls for name in token.split(",") if name}
-        unknown = sorted(impls - set(QUANT_IMPLS))
-        if unknown:
-            parser.error(f"unknown impls {unknown}; valid: {list(QUANT_IMPLS)}")
+    impls = _parse_impls(parser, args.impls, list(QUANT_IMPLS))
     for case in SMALL_QUANT_CASES if args.small else QUANT_CASES:
         bench_quant_case(
             case, dtype=jnp.dtype(args.dtype), impls=impls, repeats=args.repeats,

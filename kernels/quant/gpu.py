@@ -192,13 +192,6 @@ def _kernel(*refs, scheme: str, num_steps: int, rows_per_scale: int, bs: BlockSi
     pl.run_scoped(scoped, plgpu.SMEM((bm, bn), dtype, transforms=gpu.smem_transforms(bn, dtype)))
 
 
-def _pad(a, rows: int, cols: int, value=0):
-    """``a`` padded at the end to ``[rows, cols]`` (a copy only when it is not that already)."""
-    if a.shape == (rows, cols):
-        return a
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=value)
-
-
 @functools.partial(jax.jit, static_argnames=("activations", "block_sizes", "interpret"))
 def matmul(
     x_MK,
@@ -242,7 +235,7 @@ def matmul(
             f"{qw.scheme}, over {_SMEM_LIMIT}; use fewer stages or smaller blocks"
         )
     Mp, Kp, Np = (pl.cdiv(d, b) * b for d, b in ((M, bs.block_m), (K, bs.block_k), (N, bs.block_n)))
-    x = _pad(x_MK, Mp, Kp)
+    x = reference.pad_to(x_MK, (Mp, Kp))
     w_rows = Kp // 2 if qw.scheme == "int4" else Kp
     values = qw.values
     if qw.scheme == "int4":
@@ -251,8 +244,8 @@ def matmul(
         xs = (x[0], x[1])
     else:
         xs = (x,)
-    w = _pad(values.astype(_W_DTYPES[qw.scheme]), w_rows, Np)
-    scales = _pad(qw.scales, qw.scales.shape[0], Np, 1.0)
+    w = reference.pad_to(values.astype(_W_DTYPES[qw.scheme]), (w_rows, Np))
+    scales = reference.pad_to(qw.scales, (qw.scales.shape[0], Np), 1.0)
     kernel = functools.partial(
         _kernel,
         scheme=qw.scheme,

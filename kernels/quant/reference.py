@@ -133,6 +133,12 @@ def check_quantized(qw) -> None:
         )
 
 
+def pad_to(a, shape, value=0):
+    """``a`` padded at the end of each dimension to ``shape`` (a copy only when needed)."""
+    pads = [(0, s - d) for s, d in zip(shape, a.shape, strict=True)]
+    return jnp.pad(a, pads, constant_values=value) if any(p for _, p in pads) else a
+
+
 def quantize_rows(x_MK, activations: str):
     """Per-row dynamic quantization of activations: ``(values [M, K], scales float32 [M, 1])``
     with int8 values in ``[-127, 127]`` or float8 e4m3."""

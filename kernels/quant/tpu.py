@@ -168,11 +168,6 @@ def _even_odd(x_MK, chunk: int):
     return x_MK.reshape(M, K // chunk, chunk // 2, 2).swapaxes(2, 3).reshape(M, K)
 
 
-def _pad_to(a, shape):
-    pads = [(0, s - d) for s, d in zip(shape, a.shape, strict=True)]
-    return jnp.pad(a, pads) if any(p for _, p in pads) else a
-
-
 @functools.partial(jax.jit, static_argnames=("activations", "block_sizes", "interpret"))
 def matmul(
     x_MK,
@@ -229,27 +224,27 @@ def matmul(
         compute_dtype=jnp.dtype(compute),
         acc_dtype=jnp.dtype(acc_dtype),
     )
-    x = _pad_to(x, (Mp, Kp))
+    x = reference.pad_to(x, (Mp, Kp))
     values = qw.values
     if int4:
         x = _even_odd(x, cfg.chunk)
         # Same bytes; the kernel sign-extends them (int8 -> int32 is the widening TPUs lower).
         values = jax.lax.bitcast_convert_type(values, jnp.int8)
     w_rows = Kp // 2 if int4 else Kp
-    values = _pad_to(values, (w_rows, Np))
+    values = reference.pad_to(values, (w_rows, Np))
 
     x_spec = pl.BlockSpec((bm, bk), lambda i, j, k: (i, k))
     w_spec = pl.BlockSpec((bk // 2 if int4 else bk, bn), lambda i, j, k: (k, j))
     if gs is None:
-        scales = _pad_to(qw.scales, (1, Np))
+        scales = reference.pad_to(qw.scales, (1, Np))
         s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
     else:
         # [G, 1, N]: a tile's bk / gs scale rows as a leading dim, each a full (1, bn) tile.
-        scales = _pad_to(qw.scales, (Kp // gs, Np))[:, None, :]
+        scales = reference.pad_to(qw.scales, (Kp // gs, Np))[:, None, :]
         s_spec = pl.BlockSpec((bk // gs, 1, bn), lambda i, j, k: (k, 0, j))
     operands, in_specs = [x], [x_spec]
     if xs is not None:
-        operands.append(_pad_to(xs, (Mp, 1)))
+        operands.append(reference.pad_to(xs, (Mp, 1)))
         in_specs.append(pl.BlockSpec((bm, 1), lambda i, j, k: (i, 0)))
     operands += [values, scales]
     in_specs += [w_spec, s_spec]
