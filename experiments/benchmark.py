@@ -40,8 +40,11 @@ def param_bytes(model) -> int:
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    """KV-cache bytes one token adds across all attention layers (2 * L * K * H * itemsize)."""
+    """KV-cache bytes one token adds across all attention layers: ``2 * L * K * H * itemsize``,
+    or ``2 * L * K * (H + 4)`` for an int8 cache (a float32 scale per token and kv head)."""
     layers = sum(cfg.mixer(i) == "attention" for i in range(cfg.num_layers))
+    if cfg.kv_cache_dtype == "int8":
+        return 2 * layers * cfg.num_kv_heads * (cfg.head_dim + 4)
     return 2 * layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 

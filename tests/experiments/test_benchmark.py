@@ -18,6 +18,9 @@ def test_kv_bytes_per_token_llama_2_7b():
     assert benchmark.kv_bytes_per_token(cfg) == 524_288
     mqa = models.get_config("palm-8b", dtype="bfloat16")
     assert benchmark.kv_bytes_per_token(mqa) == 2 * 32 * 1 * 256 * 2
+    # An int8 cache: one byte per value plus a float32 scale per token and kv head.
+    int8 = models.get_config("llama-2-7b", dtype="bfloat16", kv_cache_dtype="int8")
+    assert benchmark.kv_bytes_per_token(int8) == 2 * 32 * 32 * (128 + 4)
 
 
 def test_decode_costs_closed_form():
