@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.attention import checks
 from kernels.attention.tpu import kv_block_ranges
 
 # Finite stand-in for -inf: keeps exp(m_prev - m_new) free of inf - inf before any key is seen.
@@ -525,21 +526,13 @@ def flash_attention(
     S = k_BSKH.shape[1]
     if T > S:
         raise ValueError(f"more queries than keys: T={T} > S={S}")
-    kv_len_B = jnp.full((B,), S, jnp.int32) if lengths is None else _lengths(lengths, B, S)
+    kv_len_B = checks.kv_lengths(lengths, B, S)
     cfg = _config(q_BTNH, S, causal, sliding_window, softcap, scale, block_sizes, interpret)
     return _flash(q_BTNH, k_BSKH, v_BSKH, kv_len_B, cfg)
 
 
 def _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret) -> None:
-    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape:
-        raise ValueError(
-            f"need q [B, T, N, H] and k, v [B, S, K, H] of equal shapes, got "
-            f"{q_BTNH.shape}, {k_BSKH.shape}, {v_BSKH.shape}"
-        )
-    B, _, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H or N % K:
-        raise ValueError(f"q {q_BTNH.shape} vs k {k_BSKH.shape}: need equal B, H and N % K == 0")
+    checks.check_flash(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap)
     if not q_BTNH.dtype == k_BSKH.dtype == v_BSKH.dtype:
         raise ValueError(
             f"q, k, v must share a dtype, got {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}"
@@ -549,18 +542,9 @@ def _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret) ->
             f"pallas_gpu flash attention needs float16 or bfloat16 inputs (wgmma), got "
             f"{q_BTNH.dtype}; cast, or use impl='cudnn' or 'xla'"
         )
+    H = q_BTNH.shape[3]
     if H % 64 or H > _MAX_TMA_BOX:
         raise ValueError(f"head dim H must be a multiple of 64 and <= {_MAX_TMA_BOX}, got {H}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive int, got {sliding_window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
-
-
-def _lengths(lengths, B: int, S: int, name: str = "lengths"):
-    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an int array of shape ({B},), got {lengths.shape}")
-    return jnp.clip(lengths.astype(jnp.int32), 0, S)
 
 
 def _config(q_BTNH, S, causal, sliding_window, softcap, scale, block_sizes, interpret):
@@ -624,7 +608,7 @@ def cached_attention(
     """
     _check_inputs(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap, interpret)
     B, S = q_BTNH.shape[0], k_BSKH.shape[1]
-    kv_len_B = _lengths(lengths_B, B, S, "lengths_B")
+    kv_len_B = checks.kv_lengths(lengths_B, B, S, "lengths_B")
     if starts_B.shape != (B,) or not jnp.issubdtype(starts_B.dtype, jnp.integer):
         raise ValueError(f"starts_B must be an int array of shape ({B},), got {starts_B.shape}")
     cfg = _config(q_BTNH, S, True, sliding_window, softcap, scale, block_sizes, interpret)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.attention import gpu
+from kernels.attention import checks, gpu
 from kernels.attention.tpu_decode import combine_partitions, visible_bounds  # shared with TPU
 
 _TILE_BYTES = 32 * 1024  # one K (or V) tile; x2 (K, V) x num_stages must fit ~200 KiB of SMEM
@@ -224,20 +224,11 @@ def decode_attention(
     Returns:
       ``[B, N, H]`` in the dtype of ``q``; zeros for a sequence with no visible key.
     """
+    checks.check_decode(q_BNH, k_BSKH, v_BSKH, lengths_B)
     B, N, H = q_BNH.shape
-    if k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape or k_BSKH.dtype != v_BSKH.dtype:
-        raise ValueError(
-            f"k and v must be [B, S, K, H] of equal shape and dtype, got {k_BSKH.shape} "
-            f"{k_BSKH.dtype} and {v_BSKH.shape} {v_BSKH.dtype}"
-        )
     _, S, K, _ = k_BSKH.shape
-    if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H or N % K:
-        raise ValueError(f"q {q_BNH.shape} does not match cache {k_BSKH.shape} (N % K == 0)")
-    if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths_B must be an integer array of shape ({B},)")
-    for name, x in (("q", q_BNH), ("k", k_BSKH)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a float array, got {x.dtype}")
+    if not jnp.issubdtype(k_BSKH.dtype, jnp.floating):
+        raise ValueError(f"k must be a float array, got {k_BSKH.dtype}")
     if not interpret and q_BNH.dtype not in gpu.WGMMA_DTYPES:
         raise ValueError(
             f"pallas_gpu decode attention needs float16 or bfloat16 inputs (wgmma), got "

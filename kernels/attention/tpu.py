@@ -29,6 +29,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.attention import checks
+
 # Finite stand-in for -inf: keeps exp(m_prev - m_new) free of inf - inf before any key is seen.
 MASK_VALUE = -1e30
 _SUBLANES = 8
@@ -335,29 +337,14 @@ def flash_attention(
     Returns:
       ``[B, T, N, H]`` in the dtype of ``q``; rows with no visible key are zeros.
     """
-    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape:
-        raise ValueError(
-            f"need q [B, T, N, H] and k, v [B, S, K, H] of equal shapes, got "
-            f"{q_BTNH.shape}, {k_BSKH.shape}, {v_BSKH.shape}"
-        )
+    checks.check_flash(q_BTNH, k_BSKH, v_BSKH, sliding_window, softcap)
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-    if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H or N % K:
-        raise ValueError(f"q {q_BTNH.shape} vs k {k_BSKH.shape}: need equal B, H and N % K == 0")
     if T > S:
         raise ValueError(f"more queries than keys: T={T} > S={S}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive int, got {sliding_window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
     if block_sizes is None:
         block_sizes = BlockSizes.for_shape(T, S, N // K, H, q_BTNH.dtype)
-    if lengths is None:
-        kv_len_B = jnp.full((B,), S, jnp.int32)
-    else:
-        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths must be an int array of shape ({B},), got {lengths.shape}")
-        kv_len_B = jnp.clip(lengths.astype(jnp.int32), 0, S)
+    kv_len_B = checks.kv_lengths(lengths, B, S)
     cfg = _Config(
         T=T,
         S=S,

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.attention import checks
+
 _LANES = 128
 _TILE_BYTES = 256 * 1024  # target bytes of one K (or V) tile; x2 (K, V) x2 (double buffer)
 _MAX_BLOCK_S = 1024
@@ -296,19 +298,9 @@ def decode_attention_int8(
 
 def _decode(q_BNH, k_BSKH, v_BSKH, ks_BSK, vs_BSK, lengths_B, sliding_window, softcap, scale,
             block_sizes, interpret):  # fmt: skip
+    checks.check_decode(q_BNH, k_BSKH, v_BSKH, lengths_B)
     B, N, H = q_BNH.shape
-    if k_BSKH.ndim != 4 or k_BSKH.shape != v_BSKH.shape or k_BSKH.dtype != v_BSKH.dtype:
-        raise ValueError(
-            f"k and v must be [B, S, K, H] of equal shape and dtype, got {k_BSKH.shape} "
-            f"{k_BSKH.dtype} and {v_BSKH.shape} {v_BSKH.dtype}"
-        )
     _, S, K, _ = k_BSKH.shape
-    if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H or N % K:
-        raise ValueError(f"q {q_BNH.shape} does not match cache {k_BSKH.shape} (N % K == 0)")
-    if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths_B must be an integer array of shape ({B},)")
-    if not jnp.issubdtype(q_BNH.dtype, jnp.floating):
-        raise ValueError(f"q must be a float array, got {q_BNH.dtype}")
     if block_sizes is None:
         block_sizes = DecodeBlockSizes.default(B=B, S=S, K=K, H=H, dtype=k_BSKH.dtype)
     block_sizes.check(K=K, H=H, dtype=k_BSKH.dtype)
