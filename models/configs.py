@@ -18,6 +18,7 @@ MLP_KINDS = ("swiglu", "geglu", "gelu")
 NORM_KINDS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = (None, "int8")
+MOE_DISPATCH = ("dropless", "capacity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,19 @@ class ModelConfig:
       param_dtype / dtype: storage dtype of the weights and compute dtype of activations.
       attention_impl: the ``impl`` passed to ``kernels.attention``.
       attention_interpret: run a Pallas ``attention_impl`` in interpret mode (CPU tests).
+      num_experts: experts of each ``"moe"`` channel block (0: the model has none).
+      experts_per_token: top-k experts each token is routed to.
+      moe_ffn_dim: hidden size of one expert; ``None`` means ``ffn_dim``.
+      shared_ffn_dim: hidden size of the always-active shared expert(s) (Qwen2-MoE,
+        DeepSeekMoE); 0 for none. ``shared_expert_gate`` scales its output by a sigmoid gate.
+      router_renormalize: renormalise the top-k router probabilities to sum to 1 (Mixtral)
+        instead of keeping the softmax values (Qwen2-MoE's default).
+      moe_dispatch: ``"dropless"`` (tokens sorted by expert, grouped matmul) or
+        ``"capacity"`` (GShard/Switch buffers of ``capacity_factor * T * k / E`` slots per
+        expert; overflowing tokens are dropped and counted).
+      router_aux_loss_coef / router_z_loss_coef: weights of the load-balancing loss (Switch,
+        arXiv:2101.03961 eq. 4) and the router z-loss (ST-MoE, arXiv:2202.08906 eq. 5).
+      moe_impl / moe_interpret: ``impl`` and ``interpret`` of ``kernels.moe.grouped_matmul``.
       kv_cache_dtype: ``None`` keeps the KV cache in ``dtype``; ``"int8"`` stores it as int8
         with one float32 scale per token and kv head (``models.state.KVCache``).
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
@@ -88,6 +102,18 @@ class ModelConfig:
     attention_impl: str = "auto"
     attention_interpret: bool = False
     kv_cache_dtype: str | None = None
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_ffn_dim: int | None = None
+    shared_ffn_dim: int = 0
+    shared_expert_gate: bool = False
+    router_renormalize: bool = True
+    moe_dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    moe_impl: str = "auto"
+    moe_interpret: bool = False
     init_std: float = 0.02
     hf_architecture: str | None = None
     source: str = ""
@@ -121,6 +147,22 @@ class ModelConfig:
                 raise ValueError(f"sliding_window_layers {bad} outside 0..{self.num_layers - 1}")
         if not self.mixer_pattern or not self.channel_pattern:
             raise ValueError("mixer_pattern and channel_pattern must be non-empty")
+        _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
+        if "moe" in self.channel_pattern:
+            if self.num_experts < 1:
+                raise ValueError("channel_pattern has 'moe' blocks but num_experts is 0")
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ValueError(
+                    f"experts_per_token={self.experts_per_token} must be in "
+                    f"1..num_experts={self.num_experts}"
+                )
+            if self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        """Hidden size of one routed expert."""
+        return self.ffn_dim if self.moe_ffn_dim is None else self.moe_ffn_dim
 
     def mixer(self, layer: int) -> str:
         """Name of the mixer of ``layer``."""
