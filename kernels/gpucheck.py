@@ -1,10 +1,11 @@
-"""One-call GPU check of the Mosaic GPU attention kernels: correctness on the hardware, then
-block-size sweeps and the baselines of ``kernels.bench``, all in one process.
+"""One-call GPU check of the Mosaic GPU attention and quantized-matmul kernels: correctness on
+the hardware, then block-size sweeps and the baselines of ``kernels.bench``, in one process.
 
 Meant for a short lease of one H100 (see README "On a GPU")::
 
     python -m kernels.gpucheck --out $OUT            # everything
     python -m kernels.gpucheck --out $OUT --only correct,sweep
+    python -m kernels.gpucheck --out $OUT --only quant_correct,quant_sweep,quant_bench
 
 Each step writes JSON lines to ``<out>/gpucheck.jsonl`` as it goes (a crash loses nothing
 already measured) and a failing case records its error instead of stopping the run.
@@ -27,7 +28,10 @@ import numpy as np
 
 from kernels import attention as kattn
 from kernels import bench
+from kernels import quant as kquant
 from kernels.attention import gpu, gpu_decode
+from kernels.quant import gpu as qgpu
+from kernels.quant import gpu_w8a8
 
 _LOG = None
 
@@ -144,13 +148,13 @@ def _failure(e: Exception, keep: int = 3000) -> dict:
     return {"error": bench._reason(e), "trace": traceback.format_exc()[-keep:]}
 
 
-def _sweep(step, variants, baseline, args, build, describe, work, unit):
-    """Times ``build(variant)`` on ``args`` per variant; ``None`` times the cuDNN ``baseline``
+def _sweep(step, variants, baseline, args, build, describe, work, unit, base_name="jax_cudnn"):
+    """Times ``build(variant)`` on ``args`` per variant; ``None`` times the ``baseline``
     (listed twice in each sweep, first and midway, to show the drift)."""
     for variant in variants:
         if variant is None:
             s = _time(baseline, args)
-            _emit({"step": step, "impl": "jax_cudnn", "seconds": s, unit: work / s / 1e12})
+            _emit({"step": step, "impl": base_name, "seconds": s, unit: work / s / 1e12})
             continue
         record = {"step": step, "impl": "kestrel_pallas_gpu", **describe(variant)}
         try:
@@ -286,12 +290,87 @@ def run_bench(backward_only: bool = False) -> None:
         )
 
 
+QUANT_CASES = [
+    # M, K, N, scheme, group_size, activations
+    (16, 8192, 4096, "int8", None, None),
+    (16, 8192, 4096, "int4", 128, None),
+    (16, 4096, 4096, "int4", None, None),
+    (16, 8192, 4096, "fp8", None, None),
+    (5, 1000, 700, "int8", 128, None),
+    (1024, 2048, 1024, "int8", None, None),
+    (300, 1024, 640, "int8", None, "int8"),
+    (300, 1024, 640, "fp8", None, "fp8"),
+    (16, 8192, 4096, "int8", None, "int8"),
+]
+
+
+def check_quant(dtype=jnp.bfloat16) -> None:
+    """``kernels.quant.matmul(impl="pallas_gpu")`` against the float32 reference."""
+    rng = np.random.default_rng(int(time.time()))
+    for M, K, N, scheme, group_size, activations in QUANT_CASES:
+        record = {"step": "quant_correct", "shape": [M, K, N], "scheme": scheme,
+                  "group_size": group_size, "activations": activations}  # fmt: skip
+        try:
+            x = _draw(rng, (M, K), dtype)
+            qw = kquant.quantize(_draw(rng, (K, N), jnp.float32), scheme, group_size=group_size)
+            out = kquant.matmul(x, qw, activations=activations, impl="pallas_gpu")
+            ref = kquant.matmul(
+                x.astype(jnp.float32), qw, activations=activations, impl="reference"
+            )
+            record["rel_err"] = _rel(out.astype(jnp.float32), ref)
+        except Exception as e:
+            record.update(_failure(e))
+        _emit(record)
+
+
+def sweep_quant(dtype=jnp.bfloat16) -> None:
+    """Block sizes of the weight-only kernel on the decode GEMM and of the W8A8 kernel on the
+    8192^3 prefill GEMM, each against the bf16 XLA matmul."""
+    rng = np.random.default_rng(0)
+    bf16 = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=x.dtype))
+    decode = [None, (16, 128, 128, 4), (16, 128, 256, 4), (16, 256, 128, 4), (16, 64, 256, 6),
+              (16, 128, 128, 8), None, (16, 128, 128, 4)]  # fmt: skip
+    prefill = [None, (128, 128, 128, 4), (128, 128, 128, 3), (128, 128, 256, 3), (64, 256, 128, 4),
+               (128, 64, 128, 6), None, (128, 128, 128, 4)]  # fmt: skip
+    for (M, K, N), scheme, group_size, activations, variants, blocks in [
+        ((16, 8192, 28672), "int8", None, None, decode, qgpu.BlockSizes),
+        ((16, 8192, 28672), "int4", 128, None, decode, qgpu.BlockSizes),
+        ((8192, 8192, 8192), "int8", None, "int8", prefill, gpu_w8a8.BlockSizes),
+    ]:
+        x = _draw(rng, (M, K), dtype)
+        w = (_draw(rng, (K, N), jnp.float32) * 0.02).astype(dtype)
+        qw = kquant.quantize(w, scheme, group_size=group_size)
+
+        def build(variant, qw=qw, activations=activations, blocks=blocks):
+            bs = blocks(*variant)
+            fn = jax.jit(lambda a: qgpu.matmul(a, qw, activations=activations, block_sizes=bs))
+            return lambda a, _: fn(a)
+
+        describe = lambda v, scheme=scheme, a=activations: {"scheme": scheme, "activations": a,
+                                                            "block": list(v)}  # fmt: skip
+        decoding = activations is None
+        work, unit = (qw.nbytes, "tb_per_s") if decoding else (2 * M * K * N, "tflop_per_s")
+        step = "sweep_quant_" + ("decode" if decoding else "prefill")
+        _sweep(step, variants, bf16, (x, w), build, describe, work, unit, "jax_bf16")
+
+
+def run_quant_bench() -> None:
+    for case in bench.QUANT_CASES:
+        bench.bench_quant_case(
+            case, dtype=jnp.dtype(jnp.bfloat16), impls=None, repeats=10, warmup=2,
+            emit=lambda r: _emit({"step": "quant_bench", **r}),
+        )  # fmt: skip
+
+
 STEPS = {
     "correct": check_correct,
     "correct_bwd": check_backward,
     "sweep": None,
     "sweep_bwd": sweep_backward,
     "bench": run_bench,
+    "quant_correct": check_quant,
+    "quant_sweep": sweep_quant,
+    "quant_bench": run_quant_bench,
 }
 
 

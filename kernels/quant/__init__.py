@@ -12,7 +12,7 @@ scales per output column or per group of ``group_size`` rows). Implementations (
                  grouped weights need ``group_size % 128 == 0``.
   ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``, Hopper), on a GPU or with
                  ``interpret``: weight-only (the dequantized tile is the wgmma's register
-                 operand); W8A8 raises (an 8-bit wgmma needs a K-major weight copy).
+                 operand), and W8A8 with 8-bit wgmmas on a transposed weight (``gpu_w8a8.py``).
   ``auto``       ``xla`` until the Pallas kernels are measured faster on their hardware
                  (neither has run on a TPU or GPU yet).
 

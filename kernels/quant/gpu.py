@@ -31,10 +31,8 @@ instead the wrapper splits ``x`` into its even and odd columns and the kernel ru
 fp8: float8 e4m3 converts to float16 in hardware; a bfloat16 ``x`` takes the float32 detour
 Mosaic GPU asks for (the PTX of this ptxas has no e4m3 -> bf16).
 
-W8A8 (``activations="int8"`` / ``"fp8"``) is not implemented: Mosaic GPU lowers 8-bit wgmmas
-(int8 into int32, e4m3 into float32) only with both operands K-major, but the ``[K, N]``
-weight is N-major in SMEM and an 8-bit register operand cannot be loaded transposed
-(``WGMMA_TRANSPOSED`` is 16/32-bit only), so it would need a transposed copy of the weight.
+W8A8 (``activations="int8"`` / ``"fp8"``) runs the 8-bit x 8-bit kernel of ``gpu_w8a8.py``
+(``matmul`` here forwards to it).
 
 Shapes that are not block multiples are padded in the wrapper (a copy of the weight only
 then) and the output sliced. Interpret mode (CPU) swaps the wgmmas for float32 dot_generals and
@@ -56,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.attention import gpu
-from kernels.quant import reference
+from kernels.quant import gpu_w8a8, reference
 
 _MAX_BOX = 256  # the largest TMA box dimension, and the largest wgmma N
 _SMEM_LIMIT = 227 * 1024  # per block on H100
@@ -206,8 +204,8 @@ def matmul(
     Args:
       x_MK: float16 or bfloat16 activations (float32 in interpret mode only).
       qw: an int8 / int4 / fp8 ``QuantizedWeight`` of shape ``(K, N)``, per-channel or grouped.
-      activations: ``None`` only; W8A8 raises ``ValueError`` (see the module docstring).
-      block_sizes: ``BlockSizes``; default ``BlockSizes.for_shape(M, K, N)``.
+      activations: ``None``, or ``"int8"`` / ``"fp8"`` for W8A8 (``gpu_w8a8.matmul``).
+      block_sizes: ``BlockSizes`` (``gpu_w8a8.BlockSizes`` for W8A8); default from the shape.
       interpret: run in Mosaic GPU interpret mode (CPU).
 
     Returns:
@@ -215,10 +213,8 @@ def matmul(
     """
     reference.check_matmul(x_MK, qw, activations)
     if activations is not None:
-        raise ValueError(
-            f"pallas_gpu quant matmul has no W8A8 path (activations={activations!r}, weight "
-            f"{qw.scheme}): Mosaic GPU's 8-bit wgmma needs a K-major weight, this one is [K, N] "
-            f"N-major; use impl='xla' or activations=None"
+        return gpu_w8a8.matmul(
+            x_MK, qw, activations=activations, block_sizes=block_sizes, interpret=interpret
         )
     if not interpret and jnp.dtype(x_MK.dtype) not in gpu.WGMMA_DTYPES:
         raise ValueError(

@@ -7,6 +7,8 @@ int4 unpacking and the scales; the wgmma, layout and SMEM rules run in the cross
 tests. ``M``, ``K`` and ``N`` are off the block grid, with several blocks along ``N``.
 """
 
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from kernels import quant
-from kernels.quant import gpu, reference
+from kernels.quant import gpu, gpu_w8a8, reference
 from tests.helpers import TOLERANCE
 
 
@@ -99,12 +101,39 @@ def test_blocks_that_do_not_fit_the_weight_are_refused(scheme, group_size, block
         gpu.matmul(x, qw, block_sizes=block_sizes)
 
 
-def test_w8a8_and_float32_on_gpu_are_refused():
+W8A8_CASES = {
+    # name: (activations, M, K, N, dtype, block_sizes): M, K, N off the block grid
+    "int8_f32": ("int8", 70, 300, 200, "float32", gpu_w8a8.BlockSizes(64, 128, 128, 2)),
+    "int8_bf16_default_blocks": ("int8", 5, 260, 130, "bfloat16", None),
+    "fp8_bf16": ("fp8", 130, 384, 200, "bfloat16", gpu_w8a8.BlockSizes(128, 64, 128, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(W8A8_CASES))
+def test_w8a8_matches_reference(name):
+    """The 8-bit x 8-bit kernel (int32 / float32 accumulation, both scales in the epilogue)
+    against ``reference.matmul`` that quantizes x per row the same way."""
+    activations, M, K, N, dtype, block_sizes = W8A8_CASES[name]
+    x, qw = _inputs(M, K, N, dtype, activations, None)
+    out = gpu.matmul(x, qw, activations=activations, block_sizes=block_sizes, interpret=True)
+    want = reference.matmul(x, qw, activations=activations)
+    assert out.dtype == x.dtype and out.shape == (M, N)
+    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    # Same integer products; only the float32 scaling and the final rounding may differ.
+    tol = TOLERANCE[jnp.dtype(dtype).name]
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_float32_on_gpu_and_bad_w8a8_blocks_are_refused():
     x, qw = _inputs(4, 128, 64, "float32", "int8", None)
-    with pytest.raises(ValueError, match="no W8A8 path .*activations='int8'"):
-        gpu.matmul(x, qw, activations="int8", interpret=True)
     with pytest.raises(ValueError, match="needs float16 or bfloat16 x"):
         gpu.matmul(x, qw)
+    with pytest.raises(ValueError, match="returns float16 or bfloat16"):
+        gpu.matmul(x, qw, activations="int8")
+    with pytest.raises(ValueError, match="block_m must be 64 or 128"):
+        gpu_w8a8.BlockSizes(block_m=32)
+    with pytest.raises(ValueError, match="more than 128 registers"):
+        gpu_w8a8.BlockSizes(block_m=128, block_n=256)
 
 
 def _weight_spec(scheme, group_size, K, N):
@@ -165,5 +194,20 @@ def test_lowers_to_mosaic_gpu(shape, scheme, group_size, dtype):
     exported = jax.export.export(jax.jit(gpu.matmul), platforms=["cuda"])(
         x, _weight_spec(scheme, group_size, K, N)
     )
+    assert "mosaic_gpu" in exported.mlir_module()
+    assert exported.out_avals[0].shape == (M, N)
+
+
+@pytest.mark.parametrize("shape", [DECODE, (8192, 8192, 8192)])
+@pytest.mark.parametrize("activations", ["int8", "fp8"])
+def test_w8a8_lowers_to_mosaic_gpu(shape, activations):
+    """The 8-bit wgmmas (int8 into int32, e4m3 into float32) with both operands K-major, the
+    in-place accumulator and the scale epilogue pass Mosaic GPU's lowering rules for CUDA."""
+    M, K, N = shape
+    bs = gpu_w8a8.BlockSizes.for_shape(M)
+    assert gpu_w8a8.smem_bytes(bs, jnp.bfloat16) <= gpu_w8a8._SMEM_LIMIT
+    x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
+    fn = jax.jit(functools.partial(gpu.matmul, activations=activations))
+    exported = jax.export.export(fn, platforms=["cuda"])(x, _weight_spec(activations, None, K, N))
     assert "mosaic_gpu" in exported.mlir_module()
     assert exported.out_avals[0].shape == (M, N)
