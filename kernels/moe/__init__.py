@@ -2,7 +2,24 @@
 
 ``grouped_matmul(x_MK, w_EKN, group_sizes_E)`` multiplies each contiguous run of rows of ``x``
 by its group's weight: the dropless MoE dispatch of MegaBlocks (Gale et al., arXiv:2211.15841)
-with tokens sorted by expert. ``impl="reference"``/``"xla"`` is ``jax.lax.ragged_dot``.
+with tokens sorted by expert. Implementations (``impl``):
+
+  ``reference``  ``jax.lax.ragged_dot`` accumulating in float32 (``reference.py``): the oracle.
+  ``xla``        the same ``ragged_dot``, as XLA compiles it: the baseline the kernels beat.
+  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``), on a TPU or with ``interpret``:
+                 row tiles visited once per group they touch, rows of other groups masked;
+                 backward through Pallas too (``dx`` by the same kernel with the weight read
+                 transposed, ``dw`` by a transposed grouped matmul). ``block_sizes`` takes a
+                 ``tpu.BlockSizes``.
+  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla``.
+
+There is no Pallas GPU kernel yet: ``impl="pallas_gpu"`` raises.
+
+Example::
+
+    out_MN = kernels.moe.grouped_matmul(x_MK, w_EKN, group_sizes_E)
+    out_MN = kernels.moe.grouped_matmul(x_MK, w_EKN, group_sizes_E, impl="pallas_tpu",
+                                        interpret=True)   # TPU interpret mode on CPU
 """
 
 from __future__ import annotations
@@ -12,9 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.moe import reference
+from kernels.moe import reference, tpu
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas_tpu")
 
 
 def _check(x_MK, w_EKN, group_sizes_E):
@@ -37,23 +54,47 @@ def _check(x_MK, w_EKN, group_sizes_E):
         raise ValueError(f"group_sizes must be integers, got {group_sizes_E.dtype}")
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
-def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, impl: str = "auto", interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("impl", "interpret", "block_sizes"))
+def grouped_matmul(
+    x_MK,
+    w_EKN,
+    group_sizes_E,
+    *,
+    impl: str = "auto",
+    interpret: bool = False,
+    block_sizes: tpu.BlockSizes | None = None,
+):
     """Rows of ``x`` sorted by group, each multiplied by its group's weight.
 
     Args:
       x_MK: ``[M, K]`` rows sorted by group; rows past ``sum(group_sizes)`` give zeros.
       w_EKN: ``[E, K, N]`` one weight per group.
       group_sizes_E: ``[E]`` integer rows per group (zeros allowed), ``sum <= M``.
-      impl: ``"auto"``, ``"reference"`` or ``"xla"``.
+      impl: ``"auto"``, ``"reference"``, ``"xla"`` or ``"pallas_tpu"`` (module docstring).
       interpret: run a Pallas path in interpret mode (CPU tests).
+      block_sizes: ``tpu.BlockSizes`` for ``pallas_tpu``; default from the shapes.
 
     Returns:
       ``[M, N]`` in ``x``'s dtype, accumulated in float32.
     """
-    del interpret
     _check(x_MK, w_EKN, group_sizes_E)
+    if impl == "pallas_gpu":
+        raise ValueError(
+            f"grouped_matmul has no Pallas GPU kernel yet; valid impls: {list(IMPLS)} "
+            "(impl='xla' runs ragged_dot on a GPU)"
+        )
     if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; valid: {list(IMPLS)}")
+        raise ValueError(f"unknown grouped_matmul impl {impl!r}; valid: {list(IMPLS)}")
+    if impl == "auto":
+        impl = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+    if impl == "pallas_tpu":
+        if jax.default_backend() != "tpu" and not interpret:
+            raise ValueError(
+                f"impl='pallas_tpu' needs a TPU backend (running on {jax.default_backend()!r}); "
+                "pass interpret=True to run it on CPU, or use impl='xla'"
+            )
+        return tpu.grouped_matmul(
+            x_MK, w_EKN, group_sizes_E, block_sizes=block_sizes, interpret=interpret
+        )
     out = reference.grouped_matmul(x_MK, w_EKN, group_sizes_E, preferred_element_type=jnp.float32)
     return out.astype(x_MK.dtype)
