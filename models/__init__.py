@@ -7,7 +7,17 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
 from models.generate import GenerateResult, generate
-from models.lm import LM, abstract, build, count_params, register_channel, register_mixer
+from models.lm import (
+    LM,
+    LMOutput,
+    abstract,
+    build,
+    count_active_params,
+    count_params,
+    register_channel,
+    register_mixer,
+)
+from models.moe import MoE
 from models.quantize import (
     QuantizedEinsum,
     QuantRecipe,
@@ -25,7 +35,9 @@ __all__ = [
     "DecodeState",
     "GenerateResult",
     "KVCache",
+    "LMOutput",
     "ModelConfig",
+    "MoE",
     "QuantRecipe",
     "QuantizedEinsum",
     "RopeScaling",
@@ -33,6 +45,7 @@ __all__ = [
     "abstract",
     "build",
     "calibrate",
+    "count_active_params",
     "count_params",
     "generate",
     "get_config",

@@ -407,6 +407,71 @@ def palm_540b() -> ModelConfig:
     return _palm("palm-540b", 18432, 118, 48, "Table 1 of arXiv:2204.02311 (540.35B)")
 
 
+@_preset
+def moe_tiny() -> ModelConfig:
+    """Tiny Mixtral-style MoE for tests and CPU training: 4 experts, top-2, byte vocabulary."""
+    return dense_tiny().replace(
+        name="moe-tiny",
+        channel_pattern=("moe",),
+        num_experts=4,
+        experts_per_token=2,
+        moe_ffn_dim=96,
+        hf_architecture="MixtralForCausalLM",
+        source="Kestrel test shape",
+    )
+
+
+@_preset
+def mixtral_8x7b() -> ModelConfig:
+    return ModelConfig(
+        name="mixtral-8x7b",
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=14336,
+        channel_pattern=("moe",),
+        num_experts=8,
+        experts_per_token=2,
+        router_aux_loss_coef=0.02,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        max_seq_len=32768,
+        hf_architecture="MixtralForCausalLM",
+        source="arXiv:2401.04088 §2 and mistralai/Mixtral-8x7B-v0.1 config.json",
+    )
+
+
+@_preset
+def qwen1_5_moe_a2_7b() -> ModelConfig:
+    # Every layer is sparse (decoder_sparse_step 1, no mlp_only_layers); ffn_dim is the
+    # config's dense intermediate_size, used by no layer.
+    return ModelConfig(
+        name="qwen1.5-moe-a2.7b",
+        vocab_size=151936,
+        d_model=2048,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        ffn_dim=5632,
+        qkv_bias=True,
+        channel_pattern=("moe",),
+        num_experts=60,
+        experts_per_token=4,
+        moe_ffn_dim=1408,
+        shared_ffn_dim=5632,
+        shared_expert_gate=True,
+        router_renormalize=False,
+        router_aux_loss_coef=0.001,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        max_seq_len=8192,
+        hf_architecture="Qwen2MoeForCausalLM",
+        source="Qwen/Qwen1.5-MoE-A2.7B config.json (14.3B total, 2.7B activated per its card)",
+    )
+
+
 def list_configs() -> list[str]:
     """Names of every preset, sorted."""
     return sorted(_PRESETS)

@@ -8,20 +8,23 @@ name in ``MIXERS`` / ``CHANNELS``; a new family registers its blocks with ``regi
 Mixer contract (see ``models.state``): ``cls(cfg, layer, *, rngs)``; ``init_state(batch,
 max_len)`` returns the layer's decode state; ``__call__(x_BTD, segment, state)`` returns
 ``(y_BTD, new_state)`` with ``state=None`` for a stateless forward. Channel contract:
-``cls(cfg, layer, *, rngs)`` and ``__call__(x_BTD) -> y_BTD``.
+``cls(cfg, layer, *, rngs)`` and ``__call__(x_BTD) -> y_BTD``, or ``-> (y_BTD, aux)`` with
+``aux`` a dict of float32 statistics (the ``"moe"`` block's router losses). A model with such
+channels returns an ``LMOutput`` from ``model(tokens)`` instead of the bare logits.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from models.attention import Attention
 from models.configs import ModelConfig
 from models.layers import Einsum, Embed, make_norm
 from models.layers.linear import shapes_only
 from models.mlp import MLP
+from models.moe import MoE, combine_aux
 from models.state import DecodeState, Segment
 from partitioning.rules import shard_as
 
@@ -29,7 +32,7 @@ _RESIDUAL = ("act_batch", "act_seq", "act_embed")
 _INPUT = ("act_batch", "act_seq", "act_hidden")
 
 MIXERS: dict[str, type] = {"attention": Attention}
-CHANNELS: dict[str, type | None] = {"mlp": MLP, "none": None}
+CHANNELS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 
 
 def register_mixer(name: str, cls: type) -> None:
@@ -62,16 +65,40 @@ class Block(nnx.Module):
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)
 
+    def _channel(self, h_BTD):
+        out = self.channel(h_BTD)
+        return out if isinstance(out, tuple) else (out, None)
+
     def __call__(self, x_BTD, segment: Segment, state=None):
+        """``(x_BTD, new_state, aux)``; ``aux`` is the channel's dict or ``None``."""
         h_BTD = shard_as(self.mixer_norm(x_BTD), _INPUT)
         y_BTD, state = self.mixer(h_BTD, segment, state)
         if self.channel is None:
-            return shard_as(x_BTD + y_BTD, _RESIDUAL), state
+            return shard_as(x_BTD + y_BTD, _RESIDUAL), state, None
         if self.parallel:
-            return shard_as(x_BTD + y_BTD + self.channel(h_BTD), _RESIDUAL), state
+            c_BTD, aux = self._channel(h_BTD)
+            return shard_as(x_BTD + y_BTD + c_BTD, _RESIDUAL), state, aux
         x_BTD = shard_as(x_BTD + y_BTD, _RESIDUAL)
-        h_BTD = shard_as(self.channel_norm(x_BTD), _INPUT)
-        return shard_as(x_BTD + self.channel(h_BTD), _RESIDUAL), state
+        c_BTD, aux = self._channel(shard_as(self.channel_norm(x_BTD), _INPUT))
+        return shard_as(x_BTD + c_BTD, _RESIDUAL), state, aux
+
+
+@struct.dataclass
+class LMOutput:
+    """``model(tokens)`` of a model with mixture-of-experts layers (a pytree).
+
+    Attributes:
+      logits: float32 ``[B, T, V]``.
+      aux_loss: float32 scalar to add to the training loss (``models.moe.combine_aux``:
+        ``router_aux_loss_coef`` times the load-balancing loss pooled over layers as in
+        ``transformers``, plus ``router_z_loss_coef`` times the layer-mean z-loss).
+      router_stats: pooled ``load_balance_loss``, ``z_loss``, ``dropped_fraction`` and the
+        per-layer statistics ``layer_*`` stacked over the MoE layers.
+    """
+
+    logits: jax.Array
+    aux_loss: jax.Array
+    router_stats: dict
 
 
 class LM(nnx.Module):
@@ -107,8 +134,12 @@ class LM(nnx.Module):
         )
 
     def __call__(self, tokens_BT):
-        logits_BTV, _ = self.step(tokens_BT, None)
-        return logits_BTV
+        """Logits ``[B, T, V]``, or an ``LMOutput`` if some channel block reports aux losses."""
+        logits_BTV, _, auxes = self._forward(tokens_BT, None)
+        auxes = [a for a in auxes if a is not None]
+        if not auxes:
+            return logits_BTV
+        return LMOutput(logits_BTV, *combine_aux(auxes, self.config))
 
     def init_state(self, batch: int, max_len: int) -> DecodeState:
         """An empty decode state for ``batch`` sequences of up to ``max_len`` tokens."""
@@ -133,6 +164,13 @@ class LM(nnx.Module):
         Returns:
           ``(logits, state)``: float32 logits ``[B, T, V]`` (or ``[B, 1, V]``) and the state.
         """
+        logits, state, _ = self._forward(
+            tokens_BT, state, num_new_B=num_new_B, fresh=fresh, last_only=last_only
+        )
+        return logits, state
+
+    def _forward(self, tokens_BT, state, *, num_new_B=None, fresh=False, last_only=False):
+        """``step`` that also returns each layer's channel ``aux`` (``None`` for most)."""
         B, T = tokens_BT.shape
         if num_new_B is None:
             num_new_B = jnp.full((B,), T, jnp.int32)
@@ -142,17 +180,20 @@ class LM(nnx.Module):
             starts_B = state.lengths_B
             segment = Segment(starts_B, starts_B + num_new_B, T, fresh)
         x_BTD = shard_as(self.embed(tokens_BT), _RESIDUAL)
-        layer_states = []
+        layer_states, auxes = [], []
         for i, block in enumerate(self.blocks):
-            x_BTD, layer_state = block(x_BTD, segment, None if state is None else state.layers[i])
+            x_BTD, layer_state, aux = block(
+                x_BTD, segment, None if state is None else state.layers[i]
+            )
             layer_states.append(layer_state)
+            auxes.append(aux)
         if last_only:
             last_B = jnp.maximum(num_new_B - 1, 0)
             x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         logits_BTV = self.logits(shard_as(self.final_norm(x_BTD), _INPUT))
         if state is not None:
             state = state.replace(lengths_B=segment.lengths_B, layers=tuple(layer_states))
-        return logits_BTV, state
+        return logits_BTV, state, auxes
 
     def logits(self, x_BTD):
         """Output head (tied or not), float32."""
@@ -178,3 +219,24 @@ def count_params(model_or_config) -> int:
         abstract(model_or_config) if isinstance(model_or_config, ModelConfig) else (model_or_config)
     )
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def count_active_params(model_or_config) -> int:
+    """Parameters one token uses: ``count_params`` less the routed experts it is not sent to.
+
+    Embedding, attention, norms, routers, the ``experts_per_token`` chosen experts, shared
+    experts and the output head all count (the convention of Mixtral's "13B active" and
+    Qwen1.5-MoE's "2.7B activated"); each MoE layer drops ``(E - k) / E`` of its routed
+    expert weights. Equals ``count_params`` for dense models.
+    """
+    model = (
+        abstract(model_or_config) if isinstance(model_or_config, ModelConfig) else (model_or_config)
+    )
+    cfg = model.config
+    inactive = 0
+    for block in model.blocks:
+        if isinstance(block.channel, MoE):
+            matrices = 2 if block.channel.gate is None else 3
+            per_expert = matrices * cfg.d_model * cfg.expert_ffn_dim
+            inactive += (cfg.num_experts - cfg.experts_per_token) * per_expert
+    return count_params(model) - inactive

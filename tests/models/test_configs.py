@@ -15,19 +15,36 @@ EXACT = {
     "llama-3-70b": 70_553_706_496,
     "mistral-7b": 7_241_732_096,
     "tinyllama-1.1b": 1_100_048_384,
+    # Mixtral: 8 x 3 x 4096 x 14336 expert weights per layer dominate; the published
+    # "46.7B total". Qwen1.5-MoE-A2.7B: "14.3B total" on its model card; both closed form.
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
+}
+# Parameters one token uses (``models.count_active_params``): Mixtral's "12.9B active"
+# (arXiv:2401.04088 §2 says 13B), Qwen1.5-MoE-A2.7B's "2.7B activated" (model card).
+ACTIVE = {
+    "mixtral-8x7b": 12_879_925_248,
+    "qwen1.5-moe-a2.7b": 2_689_173_504,
 }
 # PaLM Table 1 (arXiv:2204.02311) gives billions to two decimals.
 PALM_BILLIONS = {"palm-8b": 8.63, "palm-62b": 62.50, "palm-540b": 540.35}
 
 
-def closed_form(cfg: models.ModelConfig) -> int:
-    """Parameters of the decoder from its shapes alone (no biases, RMS/scale-only norms)."""
+def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
+    """Parameters of the decoder from its shapes alone (no MLP or output biases, RMS/scale-only
+    norms); ``active``: only the ``experts_per_token`` routed experts a token uses."""
     D, F, V, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.num_layers
     attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * D * F
+    attn += cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads) if cfg.qkv_bias else 0
+    matrices = 3 if cfg.mlp in ("swiglu", "geglu") else 2
+    mlp = matrices * D * F
+    experts = cfg.experts_per_token if active else cfg.num_experts
+    moe = D * cfg.num_experts + experts * matrices * D * cfg.expert_ffn_dim
+    moe += matrices * D * cfg.shared_ffn_dim + (D if cfg.shared_expert_gate else 0)
+    channels = sum(moe if cfg.channel(i) == "moe" else mlp for i in range(L))
     norms = (1 if cfg.parallel_block else 2) * D
     head = 0 if cfg.tie_embeddings else D * V
-    return V * D + L * (attn + mlp + norms) + D + head
+    return V * D + L * (attn + norms) + channels + D + head
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))
@@ -35,6 +52,25 @@ def test_exact_parameter_counts(name):
     cfg = models.get_config(name)
     assert models.count_params(cfg) == EXACT[name]
     assert closed_form(cfg) == EXACT[name]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE))
+def test_active_parameter_counts(name):
+    cfg = models.get_config(name)
+    assert models.count_active_params(cfg) == ACTIVE[name]
+    assert closed_form(cfg, active=True) == ACTIVE[name]
+
+
+def test_published_moe_totals():
+    count = lambda name: models.count_params(models.get_config(name))
+    active = lambda name: models.count_active_params(models.get_config(name))
+    assert (
+        round(count("mixtral-8x7b") / 1e9, 1) == 46.7 and round(active("mixtral-8x7b") / 1e9) == 13
+    )
+    assert round(count("qwen1.5-moe-a2.7b") / 1e9, 1) == 14.3
+    assert round(active("qwen1.5-moe-a2.7b") / 1e9, 1) == 2.7
+    dense = models.get_config("dense-tiny")
+    assert models.count_active_params(dense) == models.count_params(dense)
 
 
 @pytest.mark.parametrize("name", sorted(PALM_BILLIONS))
@@ -53,6 +89,7 @@ def test_every_preset_cites_a_source_and_builds_abstractly():
         cfg = models.get_config(name)
         assert cfg.source, name
         assert models.count_params(cfg) == closed_form(cfg), name
+        assert models.count_active_params(cfg) == closed_form(cfg, active=True), name
 
 
 def test_config_round_trips_through_dict():
