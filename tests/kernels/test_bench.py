@@ -124,3 +124,24 @@ def test_quant_records_on_cpu():
             assert "gpu" in r["skipped"].lower()
     bad = _run("quant", "--impls", "kestrel_cuda")
     assert bad.returncode == 2 and "unknown impls ['kestrel_cuda']" in bad.stderr
+
+
+def test_grouped_matmul_records_on_cpu():
+    """`kernels.bench grouped_matmul --small --backward`: ragged_dot, Kestrel's XLA path and the
+    dense padded einsum are measured with 2MKN (x3 for gradients) FLOPs; TPU paths are skipped."""
+    result = _run("grouped_matmul", "--small", "--backward", "--repeats", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {(r["impl"], r["pass"]) for r in records} == {
+        (impl, pass_) for impl in bench.GMM_IMPLS for pass_ in ("fwd", "bwd")
+    }
+    for r in records:
+        assert r["op"] == "grouped_matmul" and ("skipped" in r) != ("seconds" in r), r
+        if r["impl"] in ("jax_ragged_dot", "kestrel_xla", "dense_padded"):
+            flops = 2 * r["M"] * r["K"] * r["N"] * (3 if r["pass"] == "bwd" else 1)
+            assert r["flops"] == flops and r["vs_ragged_dot"] > 0
+            if r["pass"] == "fwd":
+                assert r["rel_err_vs_reference"] < 1e-2
+        else:
+            assert "tpu backend" in r["skipped"].lower(), r
+    assert sum(bench.SMALL_GMM_CASES[0].group_sizes()) == bench.SMALL_GMM_CASES[0].M
