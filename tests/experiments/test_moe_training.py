@@ -1,0 +1,54 @@
+"""MoE presets train with ``experiments.train``: the router losses enter the objective and the
+metrics; the ``moe_tiny`` run config's variants load."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments import train, trainer
+from experiments.data import DataConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MOE_TINY = REPO / "experiments" / "configs" / "moe_tiny.py"
+COPYING = DataConfig(kind="copying", seq_len=16, batch_size=8, vocab_size=16, copy_len=6)
+SMALL = dict(d_model=32, num_heads=2, num_kv_heads=1, moe_ffn_dim=32)
+
+
+def _run(tmp_path, **model_overrides):
+    cfg = trainer.TrainConfig(
+        model="moe-tiny",
+        model_overrides={**SMALL, **model_overrides},
+        data=COPYING,
+        steps=3,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=100,
+        eval_batches=1,
+        checkpoint_every=100,
+        log_every=1,
+    )
+    trainer.train(cfg, tmp_path, progress=False)
+    lines = (tmp_path / trainer.METRICS_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_router_losses_are_logged_and_weighted(tmp_path):
+    records = _run(tmp_path / "on", router_z_loss_coef=1e-3)
+    aux = np.array([r["aux_loss"] for r in records])
+    # coef * load balance (>= coef at a balanced router, k * coef at worst) + z-loss > 0
+    assert len(aux) == 3 and np.all(np.isfinite(aux)) and np.all(aux > 0.01)
+    off = _run(tmp_path / "off", moe_dispatch="capacity", router_aux_loss_coef=0.0)
+    assert all(r["aux_loss"] == 0.0 for r in off)
+
+
+def test_moe_tiny_run_config_variants_load():
+    for arg in ("", "smoke", "capacity", "capacity,smoke"):
+        cfg = train.load_config(f"{MOE_TINY}:{arg}" if arg else str(MOE_TINY))
+        assert cfg.model == "moe-tiny" and cfg.smoke == ("smoke" in arg)
+        assert cfg.model_overrides.get("moe_dispatch", "dropless") == (
+            "capacity" if "capacity" in arg else "dropless"
+        )
+    with pytest.raises(ValueError, match="unknown moe_tiny arg 'big'"):
+        train.load_config(f"{MOE_TINY}:big")
