@@ -38,9 +38,9 @@ def _assert_close(got, want, dtype):
 CASES = {
     # name: (group_sizes, M, K, N, dtype, block_sizes)
     "middle_empty_tail_rows": ((10, 0, 13, 9), 40, 200, 130, "float32", SMALL),
-    "first_last_empty_bf16": ((0, 12, 20, 0), 32, 128, 256, "bfloat16", SMALL),
-    "all_rows_one_group": ((0, 21, 0), 21, 130, 100, "float32", SMALL),
-    "one_group_e1": ((19,), 19, 64, 200, "float32", SMALL),
+    "first_last_empty_bf16": ((0, 12, 20, 0), 32, 128, 128, "bfloat16", SMALL),
+    "all_rows_one_group": ((0, 21, 0), 21, 100, 100, "float32", SMALL),
+    "one_group_e1": ((19,), 19, 64, 120, "float32", SMALL),
     "default_blocks_bf16": ((5, 30, 0, 7), 45, 96, 160, "bfloat16", None),
 }
 
@@ -82,8 +82,12 @@ def test_no_rows_in_any_group():
     x, w = jnp.ones((16, 128)), jnp.ones((2, 128, 128))
     group_sizes = jnp.zeros((2,), jnp.int32)
     f = functools.partial(tpu.grouped_matmul, block_sizes=SMALL, interpret=True)
-    out, vjp = jax.vjp(lambda x, w: f(x, w, group_sizes), x, w)
-    dx, dw = vjp(jnp.ones_like(out))
+
+    def kernel(x, w):
+        out, vjp = jax.vjp(lambda x, w: f(x, w, group_sizes), x, w)
+        return out, *vjp(jnp.ones_like(out))
+
+    out, dx, dw = jax.jit(kernel, compiler_options=_FAST_COMPILE)(x, w)
     assert not np.asarray(out).any() and not np.asarray(dx).any() and not np.asarray(dw).any()
 
 
@@ -104,7 +108,7 @@ def test_visits_cover_each_grouped_row_once(by_group):
     visits = jax.jit(
         functools.partial(tpu.make_visits, M=M, tm=tm, num_tiles=num_tiles, by_group=by_group)
     )
-    for _ in range(20):
+    for _ in range(12):
         E = int(rng.integers(1, 6))
         sizes = rng.multinomial(int(rng.integers(0, M + 1)), np.ones(E) / E)
         sizes[rng.random(E) < 0.3] = 0
