@@ -7,6 +7,7 @@ Examples::
         --new_tokens 64 --hf              # also Hugging Face transformers on the same weights
     python -m experiments.bench --checkpoint runs/demo --batch 1,8
     python -m experiments.bench --model tinyllama-1.1b --dtype bfloat16 --batch 1,32  # GPU
+    python -m experiments.bench --model moe-tiny --set moe_dispatch=capacity   # MoE dispatch
     python -m experiments.bench --model dense-110m --batch 8 --plan auto   # every device,
                                   # laid out by the planner; predicted vs measured step times
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 
 from absl import app, flags
 
@@ -39,6 +41,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
     flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
     flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+    flags.DEFINE_multi_string(
+        "set", [], "Model field override FIELD=VALUE (repeatable), e.g. moe_dispatch=capacity."
+    )
     flags.DEFINE_enum(
         "plan",
         "none",
@@ -48,13 +53,33 @@ def define_flags() -> None:
     )
 
 
+def model_overrides(assignments) -> dict:
+    """``FIELD=VALUE`` strings parsed to ``ModelConfig`` field values (``experiments.train``'s
+    parser); unknown fields list the valid ones."""
+    from experiments import train
+
+    hints = typing.get_type_hints(models.ModelConfig)
+    out = {}
+    for assignment in assignments:
+        key, eq, text = assignment.partition("=")
+        key = key.strip()
+        if not eq or key not in hints:
+            raise ValueError(
+                f"--set expects FIELD=VALUE with a ModelConfig field, got {assignment!r}; "
+                f"fields: {', '.join(hints)}"
+            )
+        out[key] = train.parse_value(text, hints[key], key)
+    return out
+
+
 def _load_model():
     if FLAGS.checkpoint:
         from experiments import checkpoint
 
         model, _ = checkpoint.load_model(FLAGS.checkpoint)
         return model
-    cfg = models.get_config(FLAGS.model, param_dtype=FLAGS.dtype, dtype=FLAGS.dtype)
+    overrides = model_overrides(FLAGS.set)
+    cfg = models.get_config(FLAGS.model, param_dtype=FLAGS.dtype, dtype=FLAGS.dtype, **overrides)
     needed = FLAGS.prompt_len + FLAGS.new_tokens
     if cfg.max_seq_len < needed:
         raise ValueError(f"{cfg.name} has max_seq_len {cfg.max_seq_len} < {needed}")

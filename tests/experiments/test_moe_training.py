@@ -52,3 +52,12 @@ def test_moe_tiny_run_config_variants_load():
         )
     with pytest.raises(ValueError, match="unknown moe_tiny arg 'big'"):
         train.load_config(f"{MOE_TINY}:big")
+
+
+def test_bench_set_parses_model_fields():
+    from experiments import bench
+
+    got = bench.model_overrides(["moe_dispatch=capacity", "capacity_factor=2", "num_experts=8"])
+    assert got == {"moe_dispatch": "capacity", "capacity_factor": 2.0, "num_experts": 8}
+    with pytest.raises(ValueError, match="ModelConfig field, got 'experts=8'"):
+        bench.model_overrides(["experts=8"])
