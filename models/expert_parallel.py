@@ -142,7 +142,7 @@ def expert_parallel_ffn(
     body = functools.partial(
         _local,
         axis=axis,
-        all_axes=tuple(mesh.axis_names),
+        token_axes=token_axes,
         num_experts=E,
         shards=n,
         capacity=C,
@@ -167,7 +167,7 @@ def _local(
     w_down_eFD,
     *,
     axis,
-    all_axes,
+    token_axes,
     num_experts,
     shards,
     capacity,
@@ -187,7 +187,7 @@ def _local(
     onehot_AN = jax.nn.one_hot(dest_A, n, dtype=jnp.int32)
     slot_A = jnp.sum((jnp.cumsum(onehot_AN, axis=0) - 1) * onehot_AN, axis=1)
     keep_A = slot_A < C
-    dropped = jax.lax.psum(jnp.sum(~keep_A).astype(jnp.int32), all_axes)
+    dropped = jax.lax.psum(jnp.sum(~keep_A).astype(jnp.int32), token_axes)
 
     # Dropped assignments write out of bounds (discarded by mode="drop").
     row_A = jnp.where(keep_A, dest_A * C + slot_A, n * C)

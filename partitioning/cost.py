@@ -1,4 +1,4 @@
-"""Analytical cost of one inference step of a dense transformer under a layout.
+"""Analytical cost of one inference step of a transformer (dense or MoE) under a layout.
 
 The model of Pope et al. 2022, "Efficiently Scaling Transformer Inference" (arXiv:2211.05102,
 §2-3 and Appendix A), with the roofline conventions of Austin et al., "How To Scale Your Model"
@@ -23,6 +23,16 @@ The model of Pope et al. 2022, "Efficiently Scaling Transformer Inference" (arXi
   the all-reduce here). Weight-gathered layouts (§3.2.3) add an all-gather of every weight
   over ``gather``; batch-sharded attention (§3.3) adds two all-to-alls over ``model``.
 
+Mixture-of-experts layers (``cfg.channel(layer) == "moe"``, ``Layout.experts``): FLOPs count
+the router, the shared expert and ``k`` of the ``E`` routed experts per token; HBM bytes count
+the experts the step's tokens touch (``expert_fraction_read``: uniform routing, and for
+expert-parallel the busiest chip); memory counts every expert. ``tensor_parallel`` experts
+split each expert's hidden over ``model`` and communicate like the dense FFN;
+``expert_parallel`` experts live whole on the chips of ``model`` and the tokens travel by
+two all-to-alls (plus one of int32 expert ids, ``expert_parallel_comms``, checked against the
+HLO of ``models.expert_parallel`` in ``tests/partitioning/test_moe_cost.py``) and one more
+all-to-all back to the residual's ``d_model`` split.
+
 Collective time (scaling book part 3): with ``p`` chips in the group and per-chip bandwidth
 ``W`` (``Layout.link_bandwidth``), all-gather of a ``b``-byte result and reduce-scatter of a
 ``b``-byte operand take ``b (p - 1) / p / W``, all-reduce twice that, all-to-all
@@ -46,20 +56,36 @@ PHASES = ("prefill", "decode")
 _NORM_STAT_BYTES = 4  # one float32 per token: the mean square of a sharded residual
 
 
-def layer_weights(cfg) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
-    """(name, shape, logical axes) of one layer's weights, as ``models`` builds them."""
+def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+    """(name, shape, logical axes) of one layer's weights, as ``models`` builds them.
+
+    A ``"moe"`` layer (``cfg.channel(layer)``) has a router, ``E`` experts (names starting
+    ``expert_``) and, with ``shared_ffn_dim``, a shared dense expert (``shared_``) and its gate.
+    """
     E, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    gated = cfg.mlp in ("swiglu", "geglu")
     out = [
         ("q", (E, N, H), ("embed", "heads", "head_dim")),
         ("k", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("v", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("o", (N, H, E), ("heads", "head_dim", "embed")),
-        ("up", (E, F), ("embed", "mlp")),
-        ("down", (F, E), ("mlp", "embed")),
         ("mixer_norm", (E,), ("norm",)),
     ]
-    if cfg.mlp in ("swiglu", "geglu"):
-        out.append(("gate", (E, F), ("embed", "mlp")))
+    if cfg.channel(layer) == "moe":
+        X, Fe = cfg.num_experts, cfg.expert_ffn_dim
+        out.append(("router", (E, X), ("embed", None)))
+        out += [
+            ("expert_up", (X, E, Fe), ("experts", "embed", "mlp")),
+            ("expert_down", (X, Fe, E), ("experts", "mlp", "embed")),
+        ]
+        if gated:
+            out.append(("expert_gate", (X, E, Fe), ("experts", "embed", "mlp")))
+        if cfg.shared_ffn_dim:
+            out += [("shared_" + n, s, a) for n, s, a in _mlp_weights(cfg, cfg.shared_ffn_dim)]
+            if cfg.shared_expert_gate:
+                out.append(("shared_gate", (E, 1), ("embed", None)))
+    else:
+        out += _mlp_weights(cfg, F)
     if not cfg.parallel_block:
         out.append(("channel_norm", (E,), ("norm",)))
     if cfg.qkv_bias:
@@ -70,6 +96,14 @@ def layer_weights(cfg) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
         ]
     if cfg.out_bias:
         out.append(("o_bias", (E,), ("embed",)))
+    return out
+
+
+def _mlp_weights(cfg, F: int) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+    E = cfg.d_model
+    out = [("up", (E, F), ("embed", "mlp")), ("down", (F, E), ("mlp", "embed"))]
+    if cfg.mlp in ("swiglu", "geglu"):
+        out.append(("gate", (E, F), ("embed", "mlp")))
     if cfg.mlp_bias:
         out += [("up_bias", (F,), ("mlp",)), ("down_bias", (E,), ("embed",))]
         if cfg.mlp in ("swiglu", "geglu"):
@@ -133,6 +167,9 @@ class Estimate:
     batch_shards: int
     peak_flops: float
     layers: tuple[LayerCost, ...]
+    total_params: float = 0.0
+    active_params: float = 0.0
+    weight_bytes_read: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -166,6 +203,12 @@ class Estimate:
     def chip_seconds_per_token(self) -> float:
         return self.layout.num_chips * self.step_time_s / self.tokens
 
+    @property
+    def weight_bytes_per_token(self) -> float:
+        """Weight bytes the slice reads from HBM in the step (each replica once: dense weights,
+        the experts its tokens touch, the output head) per token of the step."""
+        return self.weight_bytes_read / self.tokens
+
 
 def _collective_seconds(layout: Layout, kind: str, axes, operand: float, result: float) -> float:
     p = layout.size(*axes)
@@ -195,6 +238,98 @@ class _Comms:
         result = {"all-gather": operand * p, "reduce-scatter": operand / p}.get(kind, operand)
         seconds = _collective_seconds(self.layout, kind, axes, operand, result)
         self.items.append(Comm(kind, axes, operand, result, seconds))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One layer kind's weights on a chip (elements) and its collectives."""
+
+    used: float  # non-expert matmul weights at use (compute rules)
+    used_experts: float  # routed-expert weights at use, all experts
+    stored: float
+    params: float
+    dense_matmul: float
+    expert_matmul: float
+    comms: tuple[Comm, ...]
+    hidden_act: float
+
+
+def expert_fraction_touched(tokens: float, experts_per_token: int, num_experts: int) -> float:
+    """Expected fraction of a layer's experts that ``tokens`` routed tokens touch:
+    ``1 - (1 - k / E) ** tokens``.
+
+    Assumes uniform, independent routing (each token's ``k`` experts a uniform draw; the
+    load-balancing loss pushes towards it). At decode a step reads only the touched experts'
+    weights, which is why small-batch MoE serving is bound by the active parameters and large
+    batches by the total (DeepSpeed-MoE, Rajbhandari et al., arXiv:2201.05596 §5; Yun et al.,
+    "Toward Inference-optimal Mixture-of-Expert Large Language Models", arXiv:2404.02852).
+    """
+    if num_experts < 1 or tokens <= 0:
+        return 0.0
+    return 1.0 - (1.0 - experts_per_token / num_experts) ** tokens
+
+
+def expert_fraction_read(layout: Layout, tokens: float, experts_per_token: int, num_experts):
+    """Fraction of its expert weights that the busiest chip reads in a step of ``tokens``.
+
+    Tensor-parallel experts: every chip holds a slice of every expert and reads the slices of
+    the touched ones (``expert_fraction_touched``). Expert-parallel: a chip holds
+    ``e = E / model`` whole experts, each touched with probability ``p``; the step waits for
+    the chip with the most touched experts, ``E[max of model Binomial(e, p)]`` (independent
+    experts assumed), which at small batch is far above the mean ``e p``: one token touching
+    two experts makes two chips read a whole expert each.
+    """
+    p = expert_fraction_touched(tokens, experts_per_token, num_experts)
+    if layout.experts != "expert_parallel" or num_experts < 1:
+        return p
+    M = layout.size("model")
+    e = num_experts // M
+    cdf = 0.0
+    expected_max = 0.0
+    for m in range(e):  # E[max] = sum_{m >= 1} P(max >= m) = sum_{m < e} 1 - F(m) ** M
+        cdf += math.comb(e, m) * p**m * (1 - p) ** (e - m)
+        expected_max += 1 - min(cdf, 1.0) ** M
+    return expected_max / e
+
+
+def expert_slots(
+    tokens_per_chip: float, experts_per_token: int, shards: int, capacity_factor: float | None
+) -> float:
+    """Send-buffer slots per destination chip of the expert-parallel all-to-all.
+
+    With a ``capacity_factor`` the fixed buffers of ``models.expert_parallel``:
+    ``max(1, ceil(capacity_factor * t * k / n))``. Dropless (``None``): the balanced payload
+    ``t * k / n`` of a ragged all-to-all under uniform routing (the fixed-buffer dropless
+    worst case of ``models.expert_parallel`` moves up to ``n`` times more).
+    """
+    balanced = tokens_per_chip * experts_per_token / shards
+    if capacity_factor is None:
+        return balanced
+    return max(1, math.ceil(capacity_factor * balanced - 1e-9))
+
+
+def expert_parallel_comms(
+    layout: Layout,
+    *,
+    tokens: float,
+    d_model: int,
+    experts_per_token: int,
+    capacity_factor: float | None = None,
+    act_bytes: float = 2.0,
+) -> tuple[Comm, ...]:
+    """The all-to-alls of one expert-parallel MoE layer on one chip (GShard, arXiv:2006.16668
+    §3.2; DeepSpeed-MoE, arXiv:2201.05596 §5): ``tokens`` of the model group are split over
+    ``model``; each chip sends its ``tokens / model x k`` assignments (``[model, slots,
+    d_model / x]``, ``expert_slots``) to the experts' chips, with their int32 local expert
+    ids, and gets the results back. Each all-to-all moves ``(n - 1) / n`` of its operand off
+    the chip (``_collective_seconds``)."""
+    M, X = layout.size("model"), layout.size("x")
+    rows = M * expert_slots(tokens / M, experts_per_token, M, capacity_factor)
+    c = _Comms(layout)
+    c.add("all-to-all", ("model",), rows * d_model / X * act_bytes)  # tokens to their experts
+    c.add("all-to-all", ("model",), rows * 4)  # their local expert ids
+    c.add("all-to-all", ("model",), rows * d_model / X * act_bytes)  # results back
+    return tuple(c.items)
 
 
 def _shard_elems(shape, logical, rules, layout: Layout) -> float:
@@ -247,13 +382,19 @@ def estimate(
     # to b / (x model) whole sequences with every head.
     b_attn, n_l, k_l = (b, nq, kp) if head else (b // (X * M), N, K)
     n_in = 2 if cfg.mlp in ("swiglu", "geglu") else 1
+    k_e, n_e = cfg.experts_per_token, max(cfg.num_experts, 1)
+    Fe, Fs = cfg.expert_ffn_dim, cfg.shared_ffn_dim
+    cf = cfg.capacity_factor if cfg.moe_dispatch == "capacity" else None
+    rows = M * expert_slots(tok / M, k_e, M, cf)  # expert-parallel rows a chip computes
 
-    weights = layer_weights(cfg)
-    used = sum(_shard_elems(s, ax, use, layout) for _, s, ax in weights if len(s) > 1)
-    stored = sum(_shard_elems(s, ax, store, layout) for _, s, ax in weights)
-    matmul_params = sum(math.prod(s) for _, s, _ in weights if len(s) > 1)
-
-    def comms() -> tuple[Comm, ...]:
+    def block(layer: int) -> _Block:
+        kind = cfg.channel(layer)
+        weights = layer_weights(cfg, layer)
+        mats = [(n, s, ax) for n, s, ax in weights if len(s) > 1]
+        dense = [w for w in mats if not w[0].startswith("expert_")]
+        routed = [w for w in mats if w[0].startswith("expert_")]
+        used = sum(_shard_elems(s, ax, use, layout) for _, s, ax in dense)
+        used_experts = sum(_shard_elems(s, ax, use, layout) for _, s, ax in routed)
         c = _Comms(layout)
         blocks = 1 if cfg.parallel_block else 2
         for _ in range(blocks):  # each sub-block: norm of the sharded residual, then gather
@@ -264,18 +405,50 @@ def estimate(
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-gather", ("x",), tok * nq * H * ab / X)
-        c.add("all-reduce", ("x",), n_in * tok * F / M * ab)
-        for _ in range(blocks):  # attention out and FFN down (one sum in a parallel block)
+        sums = blocks  # reduce-scatters of attention out and FFN down (one in a parallel block)
+        hidden = (n_in + 1) * F / M * tok
+        if kind != "moe":
+            c.add("all-reduce", ("x",), n_in * tok * F / M * ab)
+        else:
+            c.add("all-reduce", ("x",), tok * n_e * 4)  # float32 router logits
+            c.add("all-reduce", ("x",), n_in * tok * Fs / M * ab)  # shared expert hidden
+            hidden = (n_in + 1) * (tok * k_e * Fe + tok * Fs) / M
+            if layout.experts == "expert_parallel":
+                c.items += expert_parallel_comms(
+                    layout, tokens=tok, d_model=E, experts_per_token=k_e, capacity_factor=cf,
+                    act_bytes=ab,
+                )  # fmt: skip
+                c.add("all-reduce", ("x",), n_in * rows * Fe * ab)
+                c.add("all-to-all", ("model",), tok / M * E / X * ab)  # tokens -> residual split
+                sums = 1 if cfg.parallel_block or not Fs else 2
+                hidden = rows * (2 * E / X + (n_in + 1) * Fe) + (n_in + 1) * tok * Fs / M
+            else:
+                c.add("all-reduce", ("x",), n_in * tok * k_e * Fe / M * ab)
+        for _ in range(sums):
             c.add("reduce-scatter", ("model",), tok * E / X * ab)
         if size("gather") > 1:
-            c.add("all-gather", ("gather",), used * wb / size("gather"))
-        return tuple(c.items)
+            c.add("all-gather", ("gather",), (used + used_experts) * wb / size("gather"))
+        return _Block(
+            used=used,
+            used_experts=used_experts,
+            stored=sum(_shard_elems(s, ax, store, layout) for _, s, ax in weights),
+            params=sum(math.prod(s) for _, s, _ in weights),
+            dense_matmul=sum(math.prod(s) for _, s, _ in dense),
+            expert_matmul=sum(math.prod(s) for _, s, _ in routed),
+            comms=tuple(c.items),
+            hidden_act=hidden * ab,
+        )
 
-    layer_comms = comms()
+    blocks = {}
     layers = []
     kv_layer_bytes = 0.0
     attn_flops_model = 0.0
+    touched = expert_fraction_read(layout, tok, k_e, cfg.num_experts)
     for i in range(cfg.num_layers):
+        key = cfg.channel(i)
+        if key not in blocks:
+            blocks[key] = block(i)
+        blk = blocks[key]
         window = cfg.window(i)
         keys = context if window is None else min(context, window)
         if phase == "prefill":  # causal: each query sees min(position, window) keys
@@ -287,7 +460,10 @@ def estimate(
         attn = 4 * b_attn * pairs * n_l * H
         attn_flops_model += 4 * batch * pairs * N * H
         kv_layer_bytes += b_attn * context * k_l * H * 2 * kvb
-        layers.append(LayerCost(2 * tok * used + attn, used * wb + kv_bytes, layer_comms))
+        flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts) + attn
+        weight_bytes = (blk.used + touched * blk.used_experts) * wb
+        layers.append(LayerCost(flops, weight_bytes + kv_bytes, blk.comms))
+    stored = sum(blocks[cfg.channel(i)].stored for i in range(cfg.num_layers))
 
     # Embedding lookup (a masked gather over the vocab split, summed over ``model``) and the
     # output head for the last token of each sequence (partial sums over ``x``).
@@ -313,20 +489,27 @@ def estimate(
     comm_s += sum(x.seconds for x in head_cost.comms)
 
     tokens_total = batch * t
+    per_layer = [blocks[cfg.channel(i)] for i in range(cfg.num_layers)]
+    active_matmul = sum(x.dense_matmul + k_e / n_e * x.expert_matmul for x in per_layer)
     model_flops = (
-        2 * tokens_total * matmul_params * cfg.num_layers
-        + attn_flops_model
-        + 2 * batch * E * cfg.vocab_size
+        2 * tokens_total * active_matmul + attn_flops_model + 2 * batch * E * cfg.vocab_size
     )
     kv_total = batch * context * K * H * 2 * kvb * cfg.num_layers
-    unique = size("replica") * (matmul_params * cfg.num_layers + E * cfg.vocab_size) * wb
-    unique += kv_total if phase == "decode" else kv_total * t / context
-    # Live activations: the residual, the gathered input, the FFN hidden and q/k/v of the
-    # layer at work, the last-token logits, and a weight-gathered layer's gathered weights.
-    act = tok * (E / X / M + E / X + (n_in + 1) * F / M + (nq + 2 * kp) * H) * ab
+    # Weights each replica reads once: dense ones, the experts its tokens touch, the head.
+    touched_replica = expert_fraction_touched(batch // size("replica") * t, k_e, cfg.num_experts)
+    read = sum(x.dense_matmul + touched_replica * x.expert_matmul for x in per_layer)
+    weight_read = size("replica") * (read + E * cfg.vocab_size) * wb
+    unique = weight_read + (kv_total if phase == "decode" else kv_total * t / context)
+    outer_params = sum(math.prod(s) for _, s, _ in outer)
+    active = outer_params + sum(x.params - (1 - k_e / n_e) * x.expert_matmul for x in per_layer)
+    # Live activations: the residual, the gathered input, the FFN hidden (MoE: the routed
+    # rows) and q/k/v of the layer at work, the last-token logits, and a weight-gathered
+    # layer's gathered weights.
+    act = tok * (E / X / M + E / X + (nq + 2 * kp) * H) * ab
+    act += max(x.hidden_act for x in per_layer)
     act += b * cfg.vocab_size / M * 4
     if size("gather") > 1:
-        act += used * wb
+        act += max(x.used + x.used_experts for x in per_layer) * wb
     return Estimate(
         layout=layout,
         phase=phase,
@@ -349,6 +532,9 @@ def estimate(
         batch_shards=batch // b_attn,
         peak_flops=peak,
         layers=tuple(layers),
+        total_params=outer_params + sum(x.params for x in per_layer),
+        active_params=active,
+        weight_bytes_read=weight_read,
     )
 
 

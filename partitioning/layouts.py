@@ -42,6 +42,7 @@ FFN_LAYOUTS = (
     "weight_gathered_xyz",
 )
 ATTENTION_LAYOUTS = ("head_sharded", "batch_sharded")
+EXPERT_LAYOUTS = ("expert_parallel", "tensor_parallel")
 MESH_AXES = ("replica", "gather", "x", "model")
 
 
@@ -58,12 +59,14 @@ class Layout:
       attention: one of ``ATTENTION_LAYOUTS``.
       groups: for each of ``MESH_AXES``, the sizes of the physical axes it spans.
       chip: the hardware, for the bandwidth of each group's links.
+      experts: for mixture-of-experts models, one of ``EXPERT_LAYOUTS``; ``None`` for dense.
     """
 
     ffn: str
     attention: str
     groups: tuple[tuple[int, ...], ...]
     chip: hardware.Chip
+    experts: str | None = None
 
     def __post_init__(self):
         if self.ffn not in FFN_LAYOUTS:
@@ -71,6 +74,10 @@ class Layout:
         if self.attention not in ATTENTION_LAYOUTS:
             raise ValueError(
                 f"unknown attention layout {self.attention!r}; valid: {list(ATTENTION_LAYOUTS)}"
+            )
+        if self.experts is not None and self.experts not in EXPERT_LAYOUTS:
+            raise ValueError(
+                f"unknown expert layout {self.experts!r}; valid: {list(EXPERT_LAYOUTS)}"
             )
 
     @property
@@ -94,6 +101,10 @@ class Layout:
             "heads": "model",
             "kv_heads": kv,
             "vocab": "model",
+            # Expert-parallel: whole experts per chip (``experts`` takes ``model`` first, so
+            # an expert's ``mlp`` stays unsplit); tensor-parallel: every expert split like
+            # the dense FFN.
+            "experts": "model" if self.experts == "expert_parallel" else None,
         }
 
     def compute_rules(self) -> dict:
@@ -143,7 +154,8 @@ class Layout:
 
     def describe(self) -> dict:
         """The JSON form: names and mesh axis sizes."""
-        return {"ffn": self.ffn, "attention": self.attention}
+        out = {"ffn": self.ffn, "attention": self.attention}
+        return out if self.experts is None else {**out, "experts": self.experts}
 
 
 def physical_axes(chip: hardware.Chip, topology: tuple[int, ...]) -> tuple[int, ...]:
@@ -196,12 +208,17 @@ def _near_cube(n: int) -> tuple[int, ...]:
 
 
 def enumerate_layouts(
-    chip: hardware.Chip, topology: tuple[int, ...], *, replicas: bool = True
+    chip: hardware.Chip,
+    topology: tuple[int, ...],
+    *,
+    replicas: bool = True,
+    experts: tuple[str | None, ...] = (None,),
 ) -> list[Layout]:
-    """Every distinct (replica, FFN, attention) layout of the slice, in a fixed order.
+    """Every distinct (replica, FFN, attention, experts) layout of the slice, in a fixed order.
 
     With ``replicas``, leading physical axes may hold independent model replicas (data
-    parallelism across the batch); the FFN layouts then use the remaining axes.
+    parallelism across the batch); the FFN layouts then use the remaining axes. ``experts``:
+    the expert layouts to combine with each (``EXPERT_LAYOUTS`` for a MoE model).
     """
     axes = physical_axes(chip, topology)
     out, seen = [], set()
@@ -211,11 +228,12 @@ def enumerate_layouts(
             for gather, x, model in _ffn_groups(ffn, rest):
                 groups = (replica, gather, x, model)
                 for attention in ATTENTION_LAYOUTS:
-                    layout = Layout(ffn, attention, groups, chip)
-                    key = (ffn, attention, tuple(layout.mesh_shape.values()))
-                    if key not in seen:
-                        seen.add(key)
-                        out.append(layout)
+                    for expert in experts:
+                        layout = Layout(ffn, attention, groups, chip, expert)
+                        key = (ffn, attention, expert, tuple(layout.mesh_shape.values()))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append(layout)
     return out
 
 
@@ -238,12 +256,25 @@ def check_divides(layout: Layout, cfg, batch: int) -> None:
     """Raise ``LayoutError`` naming every dimension ``layout`` cannot split evenly."""
     s = layout.size
     head = layout.attention == "head_sharded"
+    channels = {cfg.channel(i) for i in range(cfg.num_layers)}
     need = [
         ("d_model", cfg.d_model, s("x", "model"), "x*model"),
-        ("ffn_dim", cfg.ffn_dim, s("model"), "model"),
         ("num_heads", cfg.num_heads, s("model"), "model"),
         ("batch", batch, s("replica", "gather", *(() if head else ("x", "model"))), None),
     ]
+    if channels != {"moe"}:
+        need.insert(1, ("ffn_dim", cfg.ffn_dim, s("model"), "model"))
+    if "moe" in channels:
+        if layout.experts is None:
+            raise LayoutError(
+                f"{cfg.name} has MoE layers: its layout needs an expert layout, one of "
+                f"{list(EXPERT_LAYOUTS)}"
+            )
+        if layout.experts == "expert_parallel":
+            need.append(("num_experts", cfg.num_experts, s("model"), "model"))
+        else:
+            need.append(("expert_ffn_dim", cfg.expert_ffn_dim, s("model"), "model"))
+        need.append(("shared_ffn_dim", cfg.shared_ffn_dim, s("model"), "model"))
     bad = [
         f"{name}={size} over {shards} shards"
         for name, size, shards, _ in need
@@ -251,7 +282,5 @@ def check_divides(layout: Layout, cfg, batch: int) -> None:
     ]
     if bad:
         mesh = ", ".join(f"{a}={n}" for a, n in layout.mesh_shape.items() if n > 1)
-        raise LayoutError(
-            f"layout {layout.ffn}/{layout.attention} on mesh ({mesh}) does not divide "
-            + "; ".join(bad)
-        )
+        name = "/".join(filter(None, (layout.ffn, layout.attention, layout.experts)))
+        raise LayoutError(f"layout {name} on mesh ({mesh}) does not divide " + "; ".join(bad))

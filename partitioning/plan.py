@@ -18,7 +18,7 @@ import types
 
 from partitioning import planner
 from partitioning.cost import KV_BYTES, PHASES, WEIGHT_BYTES
-from partitioning.layouts import ATTENTION_LAYOUTS, FFN_LAYOUTS
+from partitioning.layouts import ATTENTION_LAYOUTS, EXPERT_LAYOUTS, FFN_LAYOUTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="latency", choices=planner.OBJECTIVES)
     p.add_argument("--ffn", choices=FFN_LAYOUTS, help="keep only this FFN layout")
     p.add_argument("--attention", choices=ATTENTION_LAYOUTS, help="keep only this attention layout")
+    p.add_argument("--experts", choices=EXPERT_LAYOUTS, help="MoE: keep only this expert layout")
     p.add_argument("--no-replicas", action="store_true", help="one model over the whole slice")
     p.add_argument("--limit", type=int, default=None, help="print at most this many plans")
     p.add_argument("--json", action="store_true", help='print {"plans": [...]}')
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
             objective=args.objective,
             ffn=args.ffn,
             attention=args.attention,
+            experts=args.experts,
             replicas=not args.no_replicas,
             skipped=skipped,
         )

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from partitioning import cost, hardware
 from partitioning.layouts import (
     ATTENTION_LAYOUTS,
+    EXPERT_LAYOUTS,
     FFN_LAYOUTS,
     MESH_AXES,
     Layout,
@@ -102,6 +103,9 @@ class Plan:
             "max_batch": self.max_batch,
             "tokens_per_s": e.tokens_per_s,
             "chip_seconds_per_token": e.chip_seconds_per_token,
+            "active_params": e.active_params,
+            "total_params": e.total_params,
+            "weight_bytes_per_token": e.weight_bytes_per_token,
         }
 
 
@@ -136,6 +140,7 @@ def plan(
     objective: str = "latency",
     ffn: str | None = None,
     attention: str | None = None,
+    experts: str | None = None,
     replicas: bool = True,
     activation_dtype: str = "bf16",
     compute_dtype: str = "bfloat16",
@@ -156,6 +161,9 @@ def plan(
       objective: ``latency``, ``throughput`` or ``cost`` (module docstring).
       ffn, attention: keep only this FFN / attention layout; one that does not divide the
         model is an error naming the dimensions.
+      experts: for a MoE model, keep only this expert layout (``expert_parallel``: experts
+        split over ``model``, tokens exchanged by all-to-alls; ``tensor_parallel``: every
+        expert's hidden split over ``model`` like the dense FFN); both by default.
       replicas: also consider splitting the slice into model replicas.
       skipped: if given, gets ``"layout: reason"`` for every layout that does not divide.
 
@@ -175,6 +183,10 @@ def plan(
         raise ValueError(
             f"unknown attention layout {attention!r}; valid: {list(ATTENTION_LAYOUTS)}"
         )
+    if experts is not None and experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {experts!r}; valid: {list(EXPERT_LAYOUTS)}")
+    moe = any(cfg.channel(i) == "moe" for i in range(cfg.num_layers))
+    expert_options = ((experts,) if experts else EXPERT_LAYOUTS) if moe else (None,)
     if not 0 < kv_memory_fraction <= 1:
         raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
     opts = dict(
@@ -185,7 +197,7 @@ def plan(
     )
     layouts = [
         layout
-        for layout in enumerate_layouts(chip, topology, replicas=replicas)
+        for layout in enumerate_layouts(chip, topology, replicas=replicas, experts=expert_options)
         if (ffn is None or layout.ffn == ffn)
         and (attention is None or layout.attention == attention)
     ]
@@ -232,13 +244,17 @@ def format_plans(plans: list[Plan], *, limit: int | None = None) -> str:
         "#", "ffn", "attention", "mesh", "batch", "step_ms", "compute_ms", "memory_ms",
         "comm_ms", "mfu", "mbu", "GB/chip", "fits", "max_context", "max_batch",
     )  # fmt: skip
+    moe = any(p.layout.experts for p in plans)
+    if moe:
+        head = head[:3] + ("experts",) + head[3:]
     rows = [head]
     for i, p in enumerate(plans[:limit] if limit else plans):
         e = p.estimate
         mesh = ",".join(f"{a}={n}" for a, n in p.mesh_shape.items() if n > 1) or "1"
+        experts = (p.layout.experts,) if moe else ()
         rows.append(
             (
-                str(i + 1), p.layout.ffn, p.layout.attention, mesh, str(e.batch),
+                str(i + 1), p.layout.ffn, p.layout.attention, *experts, mesh, str(e.batch),
                 f"{e.step_time_s * 1e3:.3f}", f"{e.compute_s * 1e3:.3f}",
                 f"{e.memory_s * 1e3:.3f}", f"{e.comm_s * 1e3:.3f}", f"{e.mfu:.3f}",
                 f"{e.mbu:.3f}", f"{e.memory_per_chip_bytes / 1e9:.2f}",
@@ -304,7 +320,10 @@ def summary(plan_: Plan) -> str:
     """One line: layout, mesh and predicted step."""
     e = plan_.estimate
     mesh = ", ".join(f"{a}={n}" for a, n in plan_.mesh_shape.items() if n > 1) or "one device"
+    name = " / ".join(
+        filter(None, (plan_.layout.ffn, plan_.layout.attention, plan_.layout.experts))
+    )
     return (
-        f"plan: {plan_.layout.ffn} / {plan_.layout.attention} on ({mesh}); predicted "
+        f"plan: {name} on ({mesh}); predicted "
         f"{e.phase} step {e.step_time_s * 1e3:.3f} ms, MFU {e.mfu:.2f}, MBU {e.mbu:.2f}"
     )
