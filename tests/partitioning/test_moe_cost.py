@@ -208,3 +208,19 @@ def test_dense_models_keep_their_layout_fields():
         partitioning.plan(MIXTRAL, "tpu-v5e", "4x4", phase="decode", batch=16, context=64,
                           experts="expert_parallel", ffn="1d_weight_stationary",
                           replicas=False)  # fmt: skip
+
+
+def test_dense_equivalent_and_comparison_rows():
+    from partitioning import compare
+
+    dense = compare.dense_equivalent(MIXTRAL)
+    assert dense.ffn_dim == 2 * 14336  # two active experts' width (the router is 8 columns)
+    rows = compare.compare("h100", "8", batches=(1, 128), models=(MIXTRAL, dense))
+    by = {(r["model"], r["batch"]): r for r in rows}
+    moe1, dense1 = by[("mixtral-8x7b", 1)], by[(dense.name, 1)]
+    assert moe1["active_params"] == pytest.approx(dense1["total_params"], rel=1e-3)
+    # Batch 1 touches only the active experts: the MoE decodes about as fast as the dense
+    # model; at batch 128 it reads nearly all 46.7B parameters and stores them at any batch.
+    assert moe1["step_ms"] == pytest.approx(dense1["step_ms"], rel=0.02)
+    assert by[("mixtral-8x7b", 128)]["step_ms"] > 1.5 * by[(dense.name, 128)]["step_ms"]
+    assert moe1["memory_per_chip_gb"] > 3 * dense1["memory_per_chip_gb"]
