@@ -213,14 +213,20 @@ def make_step_fns(graphdef, tx: optax.GradientTransformation):
     """
 
     def loss_fn(params, rest, batch):
-        logits_BTV = _logits(nnx.merge(graphdef, params, rest)(batch["inputs"]))
-        return masked_cross_entropy(logits_BTV, batch["targets"], batch["mask"])
+        out = nnx.merge(graphdef, params, rest)(batch["inputs"])
+        loss = masked_cross_entropy(_logits(out), batch["targets"], batch["mask"])
+        aux = getattr(out, "aux_loss", None)  # MoE router losses, already weighted
+        if aux is None:
+            return loss, {"loss": loss}
+        # The gradient is of cross-entropy + aux; the logged "loss" stays the cross-entropy,
+        # comparable with eval and with dense models.
+        return loss + aux, {"loss": loss, "aux_loss": aux}
 
     def train_step(params, opt_state, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
     def eval_step(params, rest, batch):
         logits_BTV = _logits(nnx.merge(graphdef, params, rest)(batch["inputs"]))
@@ -427,7 +433,7 @@ def _loop(cfg, dataset, mesh, params, opt_state, rest, steps, start, mngr, log, 
         values = jax.device_get(pending)
         elapsed = max(time.perf_counter() - window[1], 1e-9)
         record = {"step": step, "split": "train"}
-        record.update({k: float(np.mean([v[k] for v in values])) for k in ("loss", "grad_norm")})
+        record.update({k: float(np.mean([v[k] for v in values])) for k in values[0]})
         record["lr"] = float(schedule(step - 1))
         record["steps_per_s"] = (step - window[0]) / elapsed
         record["tokens_per_s"] = (step - window[0]) * tokens_per_step / elapsed

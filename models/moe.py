@@ -123,7 +123,7 @@ class MoE(nnx.Module):
             dropped = jnp.zeros((), jnp.float32)
         else:
             y_GKD, kept_GK = self._capacity(x_GD, experts_GK)
-            dropped = 1.0 - kept_GK.astype(jnp.float32).mean()
+            dropped = jnp.mean(~kept_GK, dtype=jnp.float32)
         y_GD = jnp.einsum("GKD,GK->GD", y_GKD.astype(jnp.float32), weights_GK)
         y_BTD = y_GD.reshape(B, T, D)
         if self.shared is not None:
