@@ -596,7 +596,7 @@ def _gmm_megablox(case, x, w, sizes):
 
 GMM_IMPLS = {
     "jax_ragged_dot": _gmm_ragged_dot,  # first: later records get vs_ragged_dot
-    **{f"kestrel_{i}": _gmm_kestrel(i) for i in ("xla", "pallas_tpu")},
+    **{f"kestrel_{i}": _gmm_kestrel(i) for i in ("xla", "pallas_tpu", "pallas_gpu")},
     "dense_padded": _gmm_dense_padded,
     "jax_pallas_megablox": _gmm_megablox,
 }

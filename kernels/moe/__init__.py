@@ -10,10 +10,13 @@ with tokens sorted by expert. Implementations (``impl``):
                  row tiles visited once per group they touch, rows of other groups masked;
                  backward through Pallas too (``dx`` by the same kernel with the weight read
                  transposed, ``dw`` by a transposed grouped matmul). ``block_sizes`` takes a
-                 ``tpu.BlockSizes``.
-  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla``.
-
-There is no Pallas GPU kernel yet: ``impl="pallas_gpu"`` raises.
+                 ``tpu.BlockSizes``. Not yet run on a TPU.
+  ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``, Hopper), on a GPU or with
+                 ``interpret``: one program per output tile pipelines its row tile's groups;
+                 ``dx`` through the kernel, ``dw`` through XLA's ``ragged_dot`` transpose.
+                 ``block_sizes`` takes a ``gpu.BlockSizes``. Not yet run on a GPU.
+  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla`` (also on GPUs, until the GPU
+                 kernel is measured faster there).
 
 Example::
 
@@ -25,13 +28,15 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-from kernels.moe import reference, tpu
+from kernels.moe import reference
 
-IMPLS = ("auto", "reference", "xla", "pallas_tpu")
+IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+_PALLAS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # impl -> backend, and its module
 
 
 def _check(x_MK, w_EKN, group_sizes_E):
@@ -62,7 +67,7 @@ def grouped_matmul(
     *,
     impl: str = "auto",
     interpret: bool = False,
-    block_sizes: tpu.BlockSizes | None = None,
+    block_sizes=None,
 ):
     """Rows of ``x`` sorted by group, each multiplied by its group's weight.
 
@@ -70,30 +75,30 @@ def grouped_matmul(
       x_MK: ``[M, K]`` rows sorted by group; rows past ``sum(group_sizes)`` give zeros.
       w_EKN: ``[E, K, N]`` one weight per group.
       group_sizes_E: ``[E]`` integer rows per group (zeros allowed), ``sum <= M``.
-      impl: ``"auto"``, ``"reference"``, ``"xla"`` or ``"pallas_tpu"`` (module docstring).
+      impl: ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``
+        (module docstring).
       interpret: run a Pallas path in interpret mode (CPU tests).
-      block_sizes: ``tpu.BlockSizes`` for ``pallas_tpu``; default from the shapes.
+      block_sizes: the Pallas kernel's ``BlockSizes`` (``tpu.BlockSizes`` /
+        ``gpu.BlockSizes``); default from the shapes.
 
     Returns:
       ``[M, N]`` in ``x``'s dtype, accumulated in float32.
     """
     _check(x_MK, w_EKN, group_sizes_E)
-    if impl == "pallas_gpu":
-        raise ValueError(
-            f"grouped_matmul has no Pallas GPU kernel yet; valid impls: {list(IMPLS)} "
-            "(impl='xla' runs ragged_dot on a GPU)"
-        )
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_matmul impl {impl!r}; valid: {list(IMPLS)}")
     if impl == "auto":
         impl = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
-    if impl == "pallas_tpu":
-        if jax.default_backend() != "tpu" and not interpret:
+    if impl in _PALLAS:
+        backend = _PALLAS[impl]
+        if jax.default_backend() != backend and not interpret:
             raise ValueError(
-                f"impl='pallas_tpu' needs a TPU backend (running on {jax.default_backend()!r}); "
-                "pass interpret=True to run it on CPU, or use impl='xla'"
+                f"impl={impl!r} needs a {backend.upper()} backend (running on "
+                f"{jax.default_backend()!r}); pass interpret=True to run it on CPU, or use "
+                "impl='xla'"
             )
-        return tpu.grouped_matmul(
+        kernel = importlib.import_module(f"kernels.moe.{backend}")
+        return kernel.grouped_matmul(
             x_MK, w_EKN, group_sizes_E, block_sizes=block_sizes, interpret=interpret
         )
     out = reference.grouped_matmul(x_MK, w_EKN, group_sizes_E, preferred_element_type=jnp.float32)

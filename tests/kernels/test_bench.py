@@ -128,7 +128,8 @@ def test_quant_records_on_cpu():
 
 def test_grouped_matmul_records_on_cpu():
     """`kernels.bench grouped_matmul --small --backward`: ragged_dot, Kestrel's XLA path and the
-    dense padded einsum are measured with 2MKN (x3 for gradients) FLOPs; TPU paths are skipped."""
+    dense padded einsum are measured with 2MKN (x3 for gradients) FLOPs; the Pallas and megablox
+    paths are skipped, naming the backend they need."""
     result = _run("grouped_matmul", "--small", "--backward", "--repeats", "2", "--warmup", "1")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -143,5 +144,6 @@ def test_grouped_matmul_records_on_cpu():
             if r["pass"] == "fwd":
                 assert r["rel_err_vs_reference"] < 1e-2
         else:
-            assert "tpu backend" in r["skipped"].lower(), r
+            backend = "gpu" if r["impl"] == "kestrel_pallas_gpu" else "tpu"
+            assert f"{backend} backend" in r["skipped"].lower(), r
     assert sum(bench.SMALL_GMM_CASES[0].group_sizes()) == bench.SMALL_GMM_CASES[0].M

@@ -1,8 +1,10 @@
-"""Pallas TPU grouped matmul in TPU interpret mode against ``jax.lax.ragged_dot``.
+"""Pallas grouped matmuls in interpret mode against ``jax.lax.ragged_dot``.
 
-Forward and gradients wrt ``x`` and ``w`` (``jax.vjp`` with a random cotangent) on tiny shapes
-with ``(8, 128, 128)`` tiles that leave ``M``, ``K`` and ``N`` off the block grid and put group
-boundaries inside row tiles; each case compiles once at XLA optimisation level 0.
+TPU kernels (TPU interpret mode): forward and gradients wrt ``x`` and ``w`` (``jax.vjp`` with a
+random cotangent) on tiny shapes with ``(8, 128, 128)`` tiles that leave ``M``, ``K`` and ``N``
+off the block grid and put group boundaries inside row tiles; each case compiles once at XLA
+optimisation level 0. GPU kernel (Mosaic GPU interpret mode, where wgmmas are float32
+``dot_general``s): the same checks on fewer cases, and cross-lowering for CUDA on CPU.
 """
 
 import functools
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from kernels import moe
-from kernels.moe import tpu
+from kernels.moe import gpu, tpu
 from tests.helpers import TOLERANCE
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -48,6 +50,10 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_gradients_match_ragged_dot(name):
     sizes, M, K, N, dtype, block_sizes = CASES[name]
+    _check_against_ragged_dot(tpu.grouped_matmul, sizes, M, K, N, dtype, block_sizes)
+
+
+def _check_against_ragged_dot(grouped_matmul, sizes, M, K, N, dtype, block_sizes):
     dtype = jnp.dtype(dtype)
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (M, K), jnp.float32).astype(dtype)
@@ -60,7 +66,7 @@ def test_forward_and_gradients_match_ragged_dot(name):
 
     def kernel(x, w, dy):
         f = functools.partial(
-            tpu.grouped_matmul, group_sizes_E=group_sizes, block_sizes=block_sizes, interpret=True
+            grouped_matmul, group_sizes_E=group_sizes, block_sizes=block_sizes, interpret=True
         )
         out, vjp = jax.vjp(f, x, w)
         return out, *vjp(dy)
@@ -108,8 +114,8 @@ def test_visits_cover_each_grouped_row_once(by_group):
     visits = jax.jit(
         functools.partial(tpu.make_visits, M=M, tm=tm, num_tiles=num_tiles, by_group=by_group)
     )
-    for _ in range(12):
-        E = int(rng.integers(1, 6))
+    for _ in range(10):
+        E = int(rng.choice([1, 3, 6]))  # few shapes: one compile each
         sizes = rng.multinomial(int(rng.integers(0, M + 1)), np.ones(E) / E)
         sizes[rng.random(E) < 0.3] = 0
         meta = jax.tree.map(np.asarray, visits(jnp.asarray(sizes, jnp.int32)))
@@ -148,6 +154,61 @@ def test_dispatcher_routes_to_the_kernel(monkeypatch):
     assert len(calls) == 1  # auto is xla off TPU
 
 
+GPU_CASES = {
+    # name: (group_sizes, M, K, N, dtype, block_sizes)
+    "boundaries_empty_tail": (
+        (50, 0, 43, 0, 39),
+        150,
+        100,
+        130,
+        "float32",
+        gpu.BlockSizes(64, 64, 64, 2),
+    ),
+    "default_blocks_bf16": ((0, 70, 20), 96, 64, 64, "bfloat16", None),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_forward_and_gradients_match_ragged_dot(name):
+    sizes, M, K, N, dtype, block_sizes = GPU_CASES[name]
+    _check_against_ragged_dot(gpu.grouped_matmul, sizes, M, K, N, dtype, block_sizes)
+
+
+@pytest.mark.parametrize("block_sizes", [None, gpu.BlockSizes(64, 128, 64, 4)])
+def test_gpu_lowers_to_mosaic_gpu(block_sizes):
+    """Cross-lowering for CUDA on CPU runs the Pallas->Mosaic GPU rules (wgmma from SMEM, the
+    transposed B operand of dx, TMA, register layouts) for both row-tile heights."""
+    x, w, sizes = (
+        _shape(4096, 1024, dtype=jnp.bfloat16),
+        _shape(8, 1024, 2816, dtype=jnp.bfloat16),
+        _shape(8, dtype=jnp.int32),
+    )
+    f = functools.partial(gpu.grouped_matmul, block_sizes=block_sizes)
+
+    def fwd_bwd(x, w, sizes):
+        out, vjp = jax.vjp(lambda x, w: f(x, w, sizes), x, w)
+        return out, *vjp(out)
+
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(x, w, sizes)
+    mlir = exported.mlir_module().splitlines()
+    assert len([line for line in mlir if "custom_call @mosaic_gpu" in line]) == 2  # fwd, dx
+    shapes = [a.shape for a in exported.out_avals]
+    assert shapes == [(4096, 2816), (4096, 1024), (8, 1024, 2816)]
+
+
+def test_gpu_refuses_float32_and_bad_blocks():
+    x, w, sizes = jnp.ones((8, 64)), jnp.ones((2, 64, 64)), jnp.array([4, 4])
+    with pytest.raises(ValueError, match="needs float16 or bfloat16"):
+        gpu.grouped_matmul(x, w, sizes)
+    with pytest.raises(ValueError, match="block_m must be 64 or 128"):
+        gpu.BlockSizes(block_m=32)
+    with pytest.raises(ValueError, match="block_k must be a positive multiple of 64"):
+        gpu.BlockSizes(block_k=96)
+    with pytest.raises(ValueError, match="bytes of SMEM"):
+        bf16 = (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), sizes)
+        gpu.grouped_matmul(*bf16, block_sizes=gpu.BlockSizes(128, 256, 256, 4))
+
+
 def _shape(*dims, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(dims, dtype)
 
@@ -161,7 +222,7 @@ def _shape(*dims, dtype=jnp.float32):
         (_shape(4, 8), _shape(2, 8, 3), _shape(3, dtype=jnp.int32), "xla", r"shape \(2,\)"),
         (_shape(4, 8), _shape(2, 8, 3), _shape(2), "xla", "must be integers, got float32"),
         (_shape(4, 8), _shape(2, 8, 3), _shape(2, dtype=jnp.int32), "mosaic", "unknown"),
-        (_shape(4, 8), _shape(2, 8, 3), _shape(2, dtype=jnp.int32), "pallas_gpu", "no Pallas"),
+        (_shape(4, 8), _shape(2, 8, 3), _shape(2, dtype=jnp.int32), "pallas_gpu", "needs a GPU"),
         (_shape(4, 8), _shape(2, 8, 3), _shape(2, dtype=jnp.int32), "pallas_tpu", "needs a TPU"),
     ],
 )
@@ -172,9 +233,8 @@ def test_errors_name_the_problem(x, w, sizes, impl, message):
 
 def test_unknown_impls_list_the_valid_ones():
     args = (_shape(4, 8), _shape(2, 8, 3), _shape(2, dtype=jnp.int32))
-    for impl in ("mosaic", "pallas_gpu"):
-        with pytest.raises(ValueError, match=r"'auto', 'reference', 'xla', 'pallas_tpu'"):
-            jax.eval_shape(functools.partial(moe.grouped_matmul, impl=impl), *args)
+    with pytest.raises(ValueError, match=r"'auto', 'reference', 'xla', 'pallas_tpu', 'pallas_gpu'"):
+        jax.eval_shape(functools.partial(moe.grouped_matmul, impl="mosaic"), *args)
 
 
 @pytest.mark.parametrize(
