@@ -71,19 +71,24 @@ class BlockSizes:
 
     @classmethod
     def for_shape(cls, M: int, K: int, N: int, E: int, dtype) -> BlockSizes:
-        """Default tiles. Each visit reads a ``[tk, tn]`` weight tile for ``tm`` rows, so a
-        larger ``tm`` means fewer weight bytes per flop, but every group boundary inside a
-        tile costs one more visit of ``tm`` rows: ``tm`` is the power of two in ``[128, 512]``
-        nearest below the mean group size ``M / E``, capped by ``M`` (rounded to whole native
-        tiles: 16 rows for 16-bit dtypes). ``tk = 512``, ``tn = 1024`` (16-bit) or 512, capped
-        by the padded shape: about 7 MiB of VMEM with double buffering at the largest.
+        """Default tiles. ``tm`` trades two costs: each visit streams a whole ``[K, N]`` weight
+        for ``tm`` rows (more weight bytes per flop when small), and each of up to ``E - 1``
+        group boundaries inside a tile adds a visit of ``tm`` rows (wasted MXU work when
+        large). ``tm`` in ``{128, 256, 512}`` minimises ``max(flops / 240, weight bytes)``
+        over ``ceil(M / tm) + E - 1`` visits (240: bf16 flops per HBM byte of a v5e), ties
+        to the larger, capped by ``M`` in whole native tiles (16 rows for 16-bit dtypes).
+        ``tk = 512``, ``tn = 1024`` (16-bit) or 512, capped by the padded shape: about 7 MiB
+        of VMEM with double buffering at the largest. Unmeasured.
         """
         itemsize = jnp.dtype(dtype).itemsize
-        mean = M // max(E, 1)
-        tm = 128
-        while tm < 512 and 2 * tm <= mean:
-            tm *= 2
-        tm = min(tm, _round_up(M, _SUBLANES * max(1, 4 // itemsize)))
+        cap = _round_up(M, _SUBLANES * max(1, 4 // itemsize))
+
+        def cost(tm):  # per K * N
+            visits = -(-M // tm) + E - 1
+            return max(2 * visits * tm / 240, visits * itemsize)
+
+        tm = min((512, 256, 128), key=cost)
+        tm = min(tm, cap)
         tk = min(512, _round_up(K, _LANES))
         tn = min(1024 if itemsize <= 2 else 512, _round_up(N, _LANES))
         return cls(tm=tm, tk=tk, tn=tn)

@@ -254,9 +254,12 @@ def test_block_sizes_validation(kwargs, message):
 
 def test_block_sizes_defaults():
     for_shape = tpu.BlockSizes.for_shape
-    assert for_shape(16384, 4096, 14336, 8, jnp.bfloat16) == tpu.BlockSizes(512, 512, 1024)
-    assert for_shape(16384, 2048, 1408, 64, jnp.bfloat16) == tpu.BlockSizes(256, 512, 1024)
-    assert for_shape(4096, 768, 300, 128, jnp.float32) == tpu.BlockSizes(128, 512, 384)
+    # Mixtral (E8) and fine-grained (E64) up-projections: 256 rows balance the weight
+    # bytes of small tiles against the boundary visits of large ones.
+    assert for_shape(16384, 4096, 14336, 8, jnp.bfloat16) == tpu.BlockSizes(256, 512, 1024)
+    assert for_shape(49152, 2048, 1408, 64, jnp.bfloat16) == tpu.BlockSizes(256, 512, 1024)
+    assert for_shape(4096, 4096, 4096, 1, jnp.bfloat16) == tpu.BlockSizes(512, 512, 1024)
+    assert for_shape(512, 768, 300, 64, jnp.bfloat16) == tpu.BlockSizes(128, 512, 384)
     assert for_shape(5, 300, 200, 8, jnp.bfloat16) == tpu.BlockSizes(16, 384, 256)
     assert for_shape(5, 300, 200, 8, jnp.float32) == tpu.BlockSizes(8, 384, 256)
 
