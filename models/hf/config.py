@@ -1,4 +1,4 @@
-"""``config.json`` of Hugging Face Llama / Mistral / Qwen2 <-> ``ModelConfig``.
+"""``config.json`` of Hugging Face Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE <-> ``ModelConfig``.
 
 Semantics follow transformers 5 (checked against 5.24's sources):
 
@@ -15,7 +15,17 @@ Semantics follow transformers 5 (checked against 5.24's sources):
   (``sliding_window: null`` means none; absent means the class default 4096). Qwen2 windows the
   layers whose ``layer_types`` entry is ``"sliding_attention"``, with
   ``sliding_window`` only if ``use_sliding_window``; without ``layer_types`` a layer ``i`` slides
-  iff ``i >= max_window_layers`` (``Qwen2Config.__post_init__``).
+  iff ``i >= max_window_layers`` (``Qwen2Config.__post_init__``). Mixtral windows every layer as
+  Mistral does; Qwen2-MoE as Qwen2, but its default ``layer_types`` slide the even layers below
+  ``max_window_layers`` (``Qwen2MoeConfig.__post_init__``).
+* Mixture of experts (``modeling_mixtral`` / ``modeling_qwen2_moe``): softmax router, top
+  ``num_experts_per_tok`` of ``num_local_experts`` (Mixtral) / ``num_experts`` (Qwen2-MoE),
+  renormalised always (Mixtral) or iff ``norm_topk_prob`` (Qwen2-MoE). Mixtral's experts have
+  ``intermediate_size``; Qwen2-MoE's have ``moe_intermediate_size``, plus a shared expert of
+  ``shared_expert_intermediate_size`` behind a sigmoid gate, and a layer ``i`` is sparse iff
+  ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0`` (dense layers have
+  ``intermediate_size``); that becomes ``channel_pattern``. ``output_router_logits`` only asks
+  transformers to compute its aux loss; ``models.LM`` always reports it.
 """
 
 from __future__ import annotations
@@ -28,7 +38,10 @@ MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_TYPES))
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -43,6 +56,7 @@ _COMMON_DEFAULTS = dict(
     tie_word_embeddings=False,
     initializer_range=0.02,
     head_dim=None,
+    rope_theta=10000.0,
 )
 _HF_DEFAULTS = {
     "LlamaForCausalLM": dict(
@@ -70,6 +84,41 @@ _HF_DEFAULTS = {
         sliding_window=4096,
         max_window_layers=28,
         layer_types=None,
+    ),
+    "MixtralForCausalLM": dict(
+        _COMMON_DEFAULTS,
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        sliding_window=None,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.001,
+    ),
+    "Qwen2MoeForCausalLM": dict(
+        _COMMON_DEFAULTS,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=32768,
+        use_sliding_window=False,
+        sliding_window=4096,
+        max_window_layers=28,
+        layer_types=None,
+        decoder_sparse_step=1,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_experts_per_tok=4,
+        num_experts=60,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.001,
+        mlp_only_layers=None,
+        qkv_bias=True,
     ),
 }
 
@@ -100,7 +149,7 @@ def _rope(hf: dict, get) -> tuple[float, RopeScaling | None]:
         if any(p != nested[0] for p in nested):
             raise ConversionError(f"per-layer-type rope_parameters differ: {params}")
         params = nested[0]
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", get("rope_theta")))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConversionError(
@@ -129,14 +178,18 @@ def _rope(hf: dict, get) -> tuple[float, RopeScaling | None]:
 def _sliding(hf: dict, arch: str, get, num_layers: int):
     if arch == "LlamaForCausalLM":
         return None, None
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return get("sliding_window"), None
     window = get("sliding_window") if get("use_sliding_window") else None
     layer_types = get("layer_types")
     if layer_types is None:
         m = get("max_window_layers")
+        if arch == "Qwen2MoeForCausalLM":
+            slides = lambda i: (i + 1) % 2 == 1 and i < m
+        else:
+            slides = lambda i: i >= m
         layer_types = [
-            "sliding_attention" if window is not None and i >= m else "full_attention"
+            "sliding_attention" if window is not None and slides(i) else "full_attention"
             for i in range(num_layers)
         ]
     if len(layer_types) != num_layers:
@@ -159,6 +212,50 @@ def _sliding(hf: dict, arch: str, get, num_layers: int):
     return window, (None if len(layers) == num_layers else layers)
 
 
+def _shortest_cycle(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix that ``ModelConfig`` repeats cyclically into ``pattern``."""
+    for n in range(1, len(pattern) + 1):
+        if all(p == pattern[i % n] for i, p in enumerate(pattern)):
+            return pattern[:n]
+    return pattern
+
+
+def _moe(hf: dict, arch: str, get, num_layers: int) -> dict:
+    """The ``ModelConfig`` MoE fields of a Mixtral / Qwen2-MoE config."""
+    if arch == "MixtralForCausalLM":
+        return dict(
+            channel_pattern=("moe",),
+            num_experts=int(get("num_local_experts")),
+            experts_per_token=int(get("num_experts_per_tok")),
+            router_renormalize=True,
+            router_aux_loss_coef=float(get("router_aux_loss_coef")),
+        )
+    step, num_experts = int(get("decoder_sparse_step")), int(get("num_experts"))
+    if step < 1:
+        raise ConversionError(f"decoder_sparse_step must be >= 1, got {step}")
+    dense = set(get("mlp_only_layers") or ())
+    pattern = tuple(
+        "moe" if i not in dense and num_experts > 0 and (i + 1) % step == 0 else "mlp"
+        for i in range(num_layers)
+    )
+    shared = int(get("shared_expert_intermediate_size"))
+    if "moe" in pattern and shared < 1:
+        raise ConversionError(
+            "shared_expert_intermediate_size must be positive: Qwen2-MoE always has a shared "
+            f"expert, got {shared}"
+        )
+    return dict(
+        channel_pattern=_shortest_cycle(pattern),
+        num_experts=num_experts,
+        experts_per_token=int(get("num_experts_per_tok")),
+        moe_ffn_dim=int(get("moe_intermediate_size")),
+        shared_ffn_dim=shared,
+        shared_expert_gate=True,
+        router_renormalize=bool(get("norm_topk_prob")),
+        router_aux_loss_coef=float(get("router_aux_loss_coef")),
+    )
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ``ModelConfig`` of a Hugging Face ``config.json`` (already parsed into a dict).
 
@@ -177,8 +274,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if arch == "LlamaForCausalLM":
         qkv_bias = out_bias = bool(get("attention_bias"))
         mlp_bias = bool(get("mlp_bias"))
+    elif arch == "Qwen2MoeForCausalLM":
+        qkv_bias, out_bias, mlp_bias = bool(get("qkv_bias")), False, False
     else:
         qkv_bias, out_bias, mlp_bias = arch == "Qwen2ForCausalLM", False, False
+    moe = _moe(hf, arch, get, num_layers) if arch in MOE_ARCHITECTURES else {}
     return ModelConfig(
         name=f"hf-{MODEL_TYPES[arch]}",
         vocab_size=int(get("vocab_size")),
@@ -203,11 +303,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
         init_std=float(get("initializer_range")),
         hf_architecture=arch,
         source="Hugging Face config.json",
+        **moe,
     )
 
 
 def _infer_architecture(cfg: ModelConfig) -> str:
     windows = {cfg.window(i) for i in range(cfg.num_layers)}
+    if "moe" in cfg.channel_pattern:
+        mixtral = set(cfg.channel_pattern) == {"moe"} and len(windows) == 1
+        mixtral = mixtral and not (cfg.shared_ffn_dim or cfg.qkv_bias or cfg.out_bias)
+        mixtral = mixtral and cfg.router_renormalize
+        return "MixtralForCausalLM" if mixtral else "Qwen2MoeForCausalLM"
     if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
         return "Qwen2ForCausalLM"
     if windows == {None}:
@@ -218,8 +324,11 @@ def _infer_architecture(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The Hugging Face ``config.json`` dict that rebuilds ``cfg`` in transformers.
 
-    The architecture is ``cfg.hf_architecture``, or inferred (Qwen2 for q/k/v-only biases or a
-    window on some layers, Mistral for a window on every layer, else Llama).
+    The architecture is ``cfg.hf_architecture``, or inferred: with ``"moe"`` layers Mixtral
+    (every layer MoE, no shared expert or biases, renormalised top-k, one window for all
+    layers) else Qwen2-MoE; without, Qwen2 for q/k/v-only biases or a window on some layers,
+    Mistral for a window on every layer, else Llama. Runtime choices (``moe_dispatch``,
+    ``capacity_factor``, ``router_z_loss_coef``) have no Hugging Face field and are not saved.
 
     Raises:
       ConversionError: ``cfg`` uses a feature the architecture cannot express.
@@ -232,7 +341,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
     require(arch in MODEL_TYPES, f"unsupported; supported: {list(SUPPORTED_ARCHITECTURES)}")
     require(set(cfg.mixer_pattern) == {"attention"}, f"mixer_pattern={cfg.mixer_pattern}")
-    require(set(cfg.channel_pattern) == {"mlp"}, f"channel_pattern={cfg.channel_pattern}")
+    channels = tuple(cfg.channel(i) for i in range(cfg.num_layers))
+    if arch == "MixtralForCausalLM":
+        require(set(channels) == {"moe"}, f"every layer must be 'moe', got {cfg.channel_pattern}")
+    elif arch == "Qwen2MoeForCausalLM":
+        require(set(channels) <= {"moe", "mlp"}, f"channel_pattern={cfg.channel_pattern}")
+    else:
+        require(set(channels) == {"mlp"}, f"channel_pattern={cfg.channel_pattern}")
     require(cfg.mlp == "swiglu", f"mlp={cfg.mlp!r} (needs swiglu)")
     require(cfg.norm == "rms", f"norm={cfg.norm!r} (needs rms)")
     require(not cfg.parallel_block, "parallel_block=True")
@@ -240,9 +355,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if arch == "LlamaForCausalLM":
         require(cfg.qkv_bias == cfg.out_bias, "attention_bias covers q, k, v and o together")
         require(not layers, "no sliding window (use Mistral or Qwen2)")
-    elif arch == "MistralForCausalLM":
-        require(not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "Mistral has no biases")
+    elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
+        require(not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), f"{arch} has no biases")
         require(len(layers) in (0, cfg.num_layers), "the window must cover every layer")
+    elif arch == "Qwen2MoeForCausalLM":
+        require(not cfg.out_bias and not cfg.mlp_bias, "Qwen2-MoE has no o or MLP biases")
     else:
         require(cfg.qkv_bias and not cfg.out_bias, "Qwen2 has q/k/v biases and no o bias")
         require(not cfg.mlp_bias, "Qwen2 has no MLP biases")
@@ -282,10 +399,26 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
     }
+    if arch == "MixtralForCausalLM":
+        require(not cfg.shared_ffn_dim, "Mixtral has no shared expert")
+        require(cfg.router_renormalize, "Mixtral always renormalises the top-k weights")
+    if arch == "Qwen2MoeForCausalLM" and "moe" in channels:
+        require(cfg.shared_ffn_dim > 0, "Qwen2-MoE always has a shared expert (shared_ffn_dim)")
+        require(cfg.shared_expert_gate, "Qwen2-MoE's shared expert is always gated")
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif arch == "MistralForCausalLM":
         hf.update(sliding_window=cfg.sliding_window if layers else None)
+    elif arch == "MixtralForCausalLM":
+        hf.update(
+            intermediate_size=cfg.expert_ffn_dim,
+            sliding_window=cfg.sliding_window if layers else None,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
     else:
         suffix = bool(layers) and layers == tuple(range(layers[0], cfg.num_layers))
         hf.update(
@@ -296,6 +429,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 "sliding_attention" if i in layers else "full_attention"
                 for i in range(cfg.num_layers)
             ],
+        )
+    if arch == "Qwen2MoeForCausalLM":
+        hf.update(
+            qkv_bias=cfg.qkv_bias,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i, c in enumerate(channels) if c == "mlp"],
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            moe_intermediate_size=cfg.expert_ffn_dim,
+            shared_expert_intermediate_size=cfg.shared_ffn_dim,
+            norm_topk_prob=cfg.router_renormalize,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            output_router_logits=False,
         )
     return hf
 

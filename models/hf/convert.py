@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mistral / Qwen2 checkpoints <-> ``models.LM``, with no torch.
+"""Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE checkpoints <-> ``models.LM``.
 
     model = load_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)   # config.json + safetensors
     save_pretrained(model, "out_dir")   # transformers.AutoModelForCausalLM loads it back
@@ -7,6 +7,16 @@ HF ``nn.Linear`` weights are ``[out, in]``; our einsum kernels put inputs first 
 heads: q ``[D, N, H]`` = ``W_q.T.reshape(D, N, H)``, o ``[N, H, D]`` = ``W_o.T.reshape(N, H, D)``,
 gate/up ``[D, F]``, down ``[F, D]``, lm_head ``[D, V]``; biases ``[N*H]`` become ``[N, H]``.
 RoPE uses HF's rotate-half layout (``models.layers.rope``), so q/k need no permutation.
+No torch is needed.
+
+Mixture of experts: the router ``gate.weight`` ``[E, D]`` is our ``[D, E]``; expert ``e``'s
+``[F, D]`` gate/up and ``[D, F]`` down weights are slice ``e`` of our ``[E, D, F]`` /
+``[E, F, D]`` transposed. Checkpoints name them per expert, as transformers 5 still saves
+them: Mixtral ``block_sparse_moe.experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down),
+Qwen2-MoE ``mlp.experts.{e}.{gate,up,down}_proj`` plus ``mlp.shared_expert.*`` and
+``mlp.shared_expert_gate`` ``[1, D]``. Loading also accepts transformers 5's fused in-memory
+layout (``mlp.experts.gate_up_proj`` ``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``,
+and Mixtral's ``block_sparse_moe.`` renamed ``mlp.``).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +33,13 @@ import numpy as np
 from flax import nnx
 
 from models.configs import ModelConfig
-from models.hf.config import ConversionError, config_from_hf, config_to_hf, dtype_name
+from models.hf.config import (
+    ConversionError,
+    _infer_architecture,
+    config_from_hf,
+    config_to_hf,
+    dtype_name,
+)
 from models.hf.safetensors import Checkpoint, CheckpointNotFoundError, save_checkpoint
 from models.lm import LM, abstract
 
@@ -35,16 +52,21 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class _Tensor:
     """One HF tensor and the parameter it fills.
 
-    ``kind``: ``"same"`` (identical layout), ``"bias"`` (HF flattens the trailing dims) or
-    ``"linear"`` (an ``[out, in]`` HF weight; ``n_in`` leading dims of our kernel are inputs).
+    ``kind``: ``"same"`` (identical layout), ``"bias"`` (HF flattens the trailing dims),
+    ``"linear"`` (an ``[out, in]`` HF weight; ``n_in`` leading dims of our kernel are inputs)
+    or ``"expert"`` (the ``[out, in]`` weight of expert ``expert``: slice ``expert`` of our
+    ``[E, in, out]`` kernel, transposed).
     """
 
     hf_name: str
     path: tuple
     kind: str = "same"
     n_in: int = 1
+    expert: int | None = None
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "expert":
+            return (shape[2], shape[1])
         if self.kind == "bias":
             return (math.prod(shape),)
         if self.kind == "linear":
@@ -52,9 +74,13 @@ class _Tensor:
         return tuple(shape)
 
     def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "expert":
+            return w.T
         return (w.T if self.kind == "linear" else w).reshape(shape)
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
+        if self.kind == "expert":
+            return np.ascontiguousarray(w[self.expert].T)
         if self.kind == "linear":
             return np.ascontiguousarray(w.reshape(self.hf_shape(w.shape)[::-1]).T)
         return w.reshape(self.hf_shape(w.shape))
@@ -78,6 +104,9 @@ def tensor_map(cfg: ModelConfig) -> list[_Tensor]:
         specs.append(
             _Tensor(hf + "post_attention_layernorm.weight", (*ours, "channel_norm", "scale"))
         )
+        if cfg.channel(i) == "moe":
+            specs.extend(_moe_tensors(cfg, hf, (*ours, "channel")))
+            continue
         for name in ("gate", "up", "down"):
             mlp = (*ours, "channel", name)
             specs.append(_Tensor(f"{hf}mlp.{name}_proj.weight", (*mlp, "kernel"), "linear"))
@@ -87,6 +116,55 @@ def tensor_map(cfg: ModelConfig) -> list[_Tensor]:
     if not cfg.tie_embeddings:
         specs.append(_Tensor("lm_head.weight", ("lm_head", "kernel"), "linear"))
     return specs
+
+
+# HF names of the expert matrices: (Mixtral, Qwen2-MoE) per ``MoE`` parameter.
+_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
+
+
+def _moe_tensors(cfg: ModelConfig, hf: str, ours: tuple) -> list[_Tensor]:
+    mixtral = (cfg.hf_architecture or _infer_architecture(cfg)) == "MixtralForCausalLM"
+    hf += "block_sparse_moe." if mixtral else "mlp."
+    specs = [_Tensor(hf + "gate.weight", (*ours, "router", "kernel"), "linear")]
+    for e in range(cfg.num_experts):
+        for name, (mixtral_name, qwen_name) in _EXPERT_NAMES.items():
+            hf_name = f"{hf}experts.{e}.{mixtral_name if mixtral else qwen_name}.weight"
+            specs.append(_Tensor(hf_name, (*ours, name), "expert", expert=e))
+    if cfg.shared_ffn_dim:
+        for name in ("gate", "up", "down"):
+            path = (*ours, "shared", name, "kernel")
+            specs.append(_Tensor(f"{hf}shared_expert.{name}_proj.weight", path, "linear"))
+    if cfg.shared_ffn_dim and cfg.shared_expert_gate:
+        path = (*ours, "shared_gate", "kernel")
+        specs.append(_Tensor(hf + "shared_expert_gate.weight", path, "linear"))
+    return specs
+
+
+_PER_EXPERT = re.compile(
+    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
+    r"\.weight$"
+)
+
+
+def _fused(ckpt: Checkpoint, name: str):
+    """``(source name, tensor)`` of the per-expert / ``block_sparse_moe.`` tensor ``name`` in
+    transformers 5's fused in-memory layout, or ``None`` if the checkpoint lacks that too."""
+    if ".block_sparse_moe." in name and name.replace(".block_sparse_moe.", ".mlp.") in ckpt:
+        alias = name.replace(".block_sparse_moe.", ".mlp.")
+        return alias, ckpt[alias]
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None
+    layer, e, which = match.group(1), int(match.group(2)), match.group(3)
+    if which in ("w2", "down_proj"):
+        key = f"{layer}.mlp.experts.down_proj"  # [E, D, F]
+        return (key, ckpt[key][e]) if key in ckpt else None
+    key = f"{layer}.mlp.experts.gate_up_proj"  # [E, 2F, D]: gate rows, then up rows
+    if key not in ckpt:
+        return None
+    gate_up = ckpt[key][e]
+    half = gate_up.shape[0] // 2
+    return key, gate_up[:half] if which in ("w1", "gate_proj") else gate_up[half:]
 
 
 def _params(model: LM, specs: list[_Tensor]) -> dict:
@@ -123,12 +201,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> LM:
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards listed by
-        ``model.safetensors.index.json``) of a ``LlamaForCausalLM``, ``MistralForCausalLM`` or
-        ``Qwen2ForCausalLM``.
+        ``model.safetensors.index.json``) of a ``LlamaForCausalLM``, ``MistralForCausalLM``,
+        ``Qwen2ForCausalLM``, ``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM``.
       dtype: parameter and compute dtype (float32, bfloat16 or float16).
 
     Returns:
-      The model; ``model(tokens_BT)`` gives float32 logits ``[B, T, V]``.
+      The model; ``model(tokens_BT)`` gives float32 logits ``[B, T, V]`` (an ``LMOutput``
+      holding them for the MoE architectures).
 
     Raises:
       CheckpointNotFoundError (a FileNotFoundError): no directory, config.json or safetensors.
@@ -143,22 +222,32 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> LM:
     model = abstract(cfg)
     specs = tensor_map(cfg)
     flat = _params(model, specs)
-    values = {}
+    values, known = {}, {s.hf_name for s in specs}
     for spec in specs:
-        if spec.hf_name not in ckpt:
+        source = spec.hf_name
+        if source in ckpt:
+            w = ckpt[source]
+        elif (fused := _fused(ckpt, source)) is not None:
+            source, w = fused
+            known.add(source)
+        else:
             raise ConversionError(
                 f"{path}: tensor {spec.hf_name!r} missing from the checkpoint "
                 f"({cfg.hf_architecture} per config.json)"
             )
-        w = ckpt[spec.hf_name]
         shape = tuple(flat[spec.path].shape)
         if w.shape != spec.hf_shape(shape):
             raise ConversionError(
-                f"{ckpt.location(spec.hf_name)}: tensor {spec.hf_name!r} has shape "
+                f"{ckpt.location(source)}: tensor {spec.hf_name!r} has shape "
                 f"{list(w.shape)}, config.json implies {list(spec.hf_shape(shape))}"
             )
-        values[spec.path] = jnp.asarray(spec.to_ours(w, shape).astype(jnp.dtype(dt)))
-    known = {s.hf_name for s in specs} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        w = spec.to_ours(w, shape).astype(jnp.dtype(dt))
+        if spec.kind == "expert":
+            values.setdefault(spec.path, np.zeros(shape, w.dtype))[spec.expert] = w
+        else:
+            values[spec.path] = w
+    values = {path: jnp.asarray(w) for path, w in values.items()}
+    known |= {"lm_head.weight"} if cfg.tie_embeddings else set()
     unexpected = sorted(n for n in ckpt if n not in known and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise ConversionError(
@@ -182,7 +271,8 @@ def save_pretrained(model: LM, path: str | os.PathLike, *, max_shard_bytes: int 
     hf = config_to_hf(model.config)
     specs = tensor_map(model.config)
     flat = _params(model, specs)
-    tensors = {s.hf_name: s.to_hf(np.asarray(jax.device_get(flat[s.path][...]))) for s in specs}
+    arrays = {p: np.asarray(jax.device_get(v[...])) for p, v in flat.items()}
+    tensors = {s.hf_name: s.to_hf(arrays[s.path]) for s in specs}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     save_checkpoint(tensors, path, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
