@@ -39,9 +39,11 @@ from flax import nnx
 
 import kernels.moe
 from models.configs import ModelConfig
+from models.expert_parallel import expert_parallel_ffn
 from models.layers import Einsum, param
 from models.layers.linear import shard_weight
 from models.mlp import _ACTIVATIONS, MLP
+from partitioning.rules import active_sharding
 
 _GATED = ("swiglu", "geglu")
 
@@ -118,14 +120,19 @@ class MoE(nnx.Module):
         weights_GK, experts_GK = jax.lax.top_k(probs_GE, K)
         if cfg.router_renormalize:
             weights_GK = weights_GK / weights_GK.sum(-1, keepdims=True)
-        if cfg.moe_dispatch == "dropless":
+        expert_parallel = self._expert_parallel(B * T)
+        if expert_parallel is not None:
+            y_GD, dropped_count = expert_parallel(x_GD, experts_GK, weights_GK)
+            dropped = dropped_count.astype(jnp.float32) / (B * T * K)
+        elif cfg.moe_dispatch == "dropless":
             y_GKD = self._dropless(x_GD, experts_GK)
             dropped = jnp.zeros((), jnp.float32)
         else:
             y_GKD, kept_GK = self._capacity(x_GD, experts_GK)
             dropped = jnp.mean(~kept_GK, dtype=jnp.float32)
-        y_GD = jnp.einsum("GKD,GK->GD", y_GKD.astype(jnp.float32), weights_GK)
-        y_BTD = y_GD.reshape(B, T, D)
+        if expert_parallel is None:
+            y_GD = jnp.einsum("GKD,GK->GD", y_GKD.astype(jnp.float32), weights_GK)
+        y_BTD = y_GD.reshape(B, T, D).astype(jnp.float32)
         if self.shared is not None:
             s_BTD = self.shared(x_BTD).astype(jnp.float32)
             if self.shared_gate is not None:
@@ -143,6 +150,54 @@ class MoE(nnx.Module):
             "dropped_fraction": dropped,
         }
         return y_BTD.astype(self.dtype), aux
+
+    def _expert_parallel(self, tokens: int):
+        """The expert-parallel FFN (``models.expert_parallel``) when the active partitioning
+        rules put the ``experts`` axis on one mesh axis of size ``n > 1`` that divides ``E``
+        and the ``tokens`` divide over the token shards; else ``None`` (one-program path).
+
+        Tokens are split over ``(act_batch's mesh axis, experts' mesh axis)``. ``"capacity"``
+        dispatch then bounds each per-destination-shard buffer at ``capacity_factor * t * k /
+        n`` (Switch's per-device capacity), which drops differently from the one-program
+        per-expert buffers; both agree whenever nothing drops. Non-gated experts stay on the
+        one-program path.
+        """
+        active = active_sharding()
+        if active is None or self.gate is None:
+            return None
+        mesh, rules = active
+        axis = rules.get("experts")
+        if not isinstance(axis, str) or mesh.shape.get(axis, 1) < 2:
+            return None
+        if self.cfg.num_experts % mesh.shape[axis]:
+            return None
+        data_axis = rules.get("act_batch")
+        if not isinstance(data_axis, str) or data_axis == axis or mesh.shape.get(data_axis, 1) < 2:
+            data_axis = None
+        shards = mesh.shape[axis] * (1 if data_axis is None else mesh.shape[data_axis])
+        if tokens % shards:
+            return None
+        gate, up, down = self._weights()
+        cfg = self.cfg
+
+        def run(x_GD, experts_GK, weights_GK):
+            return expert_parallel_ffn(
+                x_GD,
+                experts_GK,
+                weights_GK,
+                gate,
+                up,
+                down,
+                mesh=mesh,
+                axis=axis,
+                data_axis=data_axis,
+                capacity_factor=cfg.capacity_factor if cfg.moe_dispatch == "capacity" else None,
+                activation=self.act,
+                impl=cfg.moe_impl,
+                interpret=cfg.moe_interpret,
+            )
+
+        return run
 
     def _weights(self):
         cast = lambda v: None if v is None else shard_weight(v).astype(self.dtype)
