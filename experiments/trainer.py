@@ -78,6 +78,10 @@ class TrainConfig:
       seed: parameter initialisation seed (the data seed is ``data.seed``).
       sharding, model_parallel: weight layout, a ``partitioning.rules`` preset, over a mesh of
         ``model_parallel`` devices per replica (``experiments.distributed.train_mesh``).
+      init_from: a training workdir (or checkpoint) whose weights start this run: the same
+        model's weights are copied, a dense model's are sparsely upcycled into this run's MoE
+        layers (``models.upcycle``: every expert a copy of the dense MLP, new routers).
+        Ignored when the workdir has a checkpoint to resume.
       smoke: this is a run config's ``smoke`` variant (recorded, changes nothing here).
     """
 
@@ -101,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     sharding: str = "data_parallel"
     model_parallel: int = 1
+    init_from: str | None = None
     smoke: bool = False
 
     def __post_init__(self):
@@ -347,7 +352,7 @@ def train(cfg: TrainConfig, workdir, *, progress: bool = True) -> dict[str, Any]
     mcfg = model_config(cfg, dataset.vocab_size)
     if primary:
         _write_config(workdir, cfg, mcfg)
-    model = models.build(mcfg, seed=cfg.seed)
+    model = models.build(mcfg, seed=cfg.seed) if cfg.init_from is None else initial_model(cfg, mcfg)
     mesh = distributed.train_mesh(cfg.data.batch_size, cfg.model_parallel)
     rules = partition_rules.get_rules(cfg.sharding)
     report = partition_rules.sharding_report(model, mesh, rules)
@@ -391,6 +396,44 @@ def train(cfg: TrainConfig, workdir, *, progress: bool = True) -> dict[str, Any]
     evals = log.split("eval")
     final = {k: v for k, v in evals[-1].items() if k != "split"} if evals else {}
     return {"step": cfg.steps, **final, "history": {"train": log.split("train"), "eval": evals}}
+
+
+def initial_model(cfg: TrainConfig, mcfg: models.ModelConfig) -> nnx.Module:
+    """The model ``cfg.init_from`` gives for ``mcfg``: the same weights, or a dense model
+    upcycled into ``mcfg``'s MoE layers.
+
+    Raises:
+      ValueError: the source's model is neither ``mcfg`` nor its dense counterpart (the
+        message names the fields that differ).
+    """
+    source, scfg = checkpoint.load_model(cfg.init_from)
+    same = {k: getattr(mcfg, k) for k in (*COMPUTE_ONLY, "name")}
+    moe_layers = [i for i in range(mcfg.num_layers) if mcfg.channel(i) == "moe"]
+    if moe_layers and "moe" not in scfg.channel_pattern:
+        keep = ("moe_dispatch", "capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
+                "moe_impl", "moe_interpret")  # fmt: skip
+        source = models.upcycle(
+            source,
+            num_experts=mcfg.num_experts,
+            experts_per_token=mcfg.experts_per_token,
+            layers=moe_layers,
+            seed=cfg.seed,
+            **{k: getattr(mcfg, k) for k in keep},
+        )
+        scfg = source.config
+    if scfg.replace(**same) == mcfg:
+        model = models.build(mcfg, seed=cfg.seed)  # this run's dtypes, the source's weights
+        nnx.update(model, nnx.state(source, nnx.Param))
+        return model
+    differ = sorted(
+        f.name
+        for f in dataclasses.fields(mcfg)
+        if f.name not in same and getattr(scfg, f.name) != getattr(mcfg, f.name)
+    )
+    raise ValueError(
+        f"init_from={cfg.init_from} holds a {scfg.name} model that is neither this run's "
+        f"model nor its dense counterpart; fields that differ: {differ}"
+    )
 
 
 def _place(params, logical, rest, tx, mesh, rules):

@@ -29,6 +29,7 @@ from models.quantize import (
     save_quantized,
 )
 from models.state import DecodeState, KVCache, Segment
+from models.upcycle import upcycle
 
 __all__ = [
     "LM",
@@ -58,4 +59,5 @@ __all__ = [
     "register_channel",
     "register_mixer",
     "save_quantized",
+    "upcycle",
 ]

@@ -204,6 +204,14 @@ class ModelConfig:
         return cls(**d)
 
 
+def shortest_cycle(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix that ``ModelConfig`` repeats cyclically into ``pattern``."""
+    for n in range(1, len(pattern) + 1):
+        if all(p == pattern[i % n] for i, p in enumerate(pattern)):
+            return pattern[:n]
+    return pattern
+
+
 def _check_choice(field: str, value: str | None, valid: tuple[str | None, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {field} {value!r}; valid: {list(valid)}")

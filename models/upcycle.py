@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from models.configs import shortest_cycle
 from models.lm import LM, build
 
 
@@ -68,7 +69,7 @@ def upcycle(
                 f"{field}={moe_overrides[field]!r} would make the upcycled model differ from "
                 f"the dense one at initialisation"
             )
-    pattern = tuple("moe" if i in layers else cfg.channel(i) for i in range(L))
+    pattern = shortest_cycle(tuple("moe" if i in layers else cfg.channel(i) for i in range(L)))
     moe_cfg = cfg.replace(
         name=f"{cfg.name}-upcycled-{num_experts}x",
         channel_pattern=pattern,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from models.configs import DTYPES, ModelConfig, RopeScaling
+from models.configs import DTYPES, ModelConfig, RopeScaling, shortest_cycle
 
 MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -212,14 +212,6 @@ def _sliding(hf: dict, arch: str, get, num_layers: int):
     return window, (None if len(layers) == num_layers else layers)
 
 
-def _shortest_cycle(pattern: tuple[str, ...]) -> tuple[str, ...]:
-    """The shortest prefix that ``ModelConfig`` repeats cyclically into ``pattern``."""
-    for n in range(1, len(pattern) + 1):
-        if all(p == pattern[i % n] for i, p in enumerate(pattern)):
-            return pattern[:n]
-    return pattern
-
-
 def _moe(hf: dict, arch: str, get, num_layers: int) -> dict:
     """The ``ModelConfig`` MoE fields of a Mixtral / Qwen2-MoE config."""
     if arch == "MixtralForCausalLM":
@@ -245,7 +237,7 @@ def _moe(hf: dict, arch: str, get, num_layers: int) -> dict:
             f"expert, got {shared}"
         )
     return dict(
-        channel_pattern=_shortest_cycle(pattern),
+        channel_pattern=shortest_cycle(pattern),
         num_experts=num_experts,
         experts_per_token=int(get("num_experts_per_tok")),
         moe_ffn_dim=int(get("moe_intermediate_size")),
