@@ -18,8 +18,9 @@ calibration activation absmax, when given) in float, as OWQ (arXiv:2306.02272) a
 
 Layer paths are ``nnx.iter_modules`` paths joined by dots: ``blocks.0.mixer.q``,
 ``blocks.0.channel.up``, ``lm_head``. A rule maps a path prefix (whole components) to a scheme
-or ``None`` (keep float); the longest matching prefix wins, then ``DEFAULT_RULES``, then
-``recipe.scheme``.
+or ``None`` (keep float); the longest matching prefix wins; then layers named in
+``FLOAT_LAYERS`` (MoE routers) stay float, then ``DEFAULT_RULES``, then ``recipe.scheme``. The
+routed experts of an MoE block (``[E, D, F]`` parameters, not ``Einsum`` layers) stay float.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from models.layers.linear import Einsum, shard_weight
 from models.lm import abstract
 
 DEFAULT_RULES: dict[str, str | None] = {"lm_head": None}  # the untied output head stays float
+# Layers kept float wherever they are unless a rule names them: MoE routers (top-k choices flip
+# under rounding; a router is E / (3 F) of its layer's bytes, 0.1% for Mixtral).
+FLOAT_LAYERS = ("router",)
 QUANT_FILE = "quantization.json"
 STATE_DIR = "state"
 
@@ -86,11 +90,13 @@ class QuantRecipe:
 
     def scheme_for(self, path: str) -> str | None:
         """The scheme of the layer at ``path`` (``None``: keep it float)."""
-        for rules in (self.rules, DEFAULT_RULES):
-            hits = [p for p in rules if _under(path, p)]
-            if hits:
-                return rules[max(hits, key=len)]
-        return self.scheme
+        hits = [p for p in self.rules if _under(path, p)]
+        if hits:
+            return self.rules[max(hits, key=len)]
+        if path.rsplit(".", 1)[-1] in FLOAT_LAYERS:
+            return None
+        hits = [p for p in DEFAULT_RULES if _under(path, p)]
+        return DEFAULT_RULES[max(hits, key=len)] if hits else self.scheme
 
 
 def _check_choice(what: str, value, valid) -> None:

@@ -238,3 +238,18 @@ def test_load_errors_name_the_path(tmp_path):
     (tmp_path / "bad" / "quantization.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad .*quantization\.json: JSONDecodeError"):
         models.load_quantized(tmp_path / "bad")
+
+
+def test_moe_routers_stay_float_unless_a_rule_names_them():
+    moe = models.build(models.get_config("moe-tiny"), seed=0)
+    q = models.quantize(moe, models.QuantRecipe("int8"))
+    assert type(q.blocks[0].channel.router).__name__ == "Einsum"
+    assert type(q.blocks[0].mixer.q).__name__ == "QuantizedEinsum"
+    named = models.quantize(
+        moe, models.QuantRecipe("int8", rules={"blocks.1.channel.router": "int8"})
+    )
+    assert type(named.blocks[1].channel.router).__name__ == "QuantizedEinsum"
+    assert type(named.blocks[0].channel.router).__name__ == "Einsum"
+    tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+    want, got = moe(tokens).logits, q(tokens).logits
+    assert float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
