@@ -16,7 +16,10 @@ Implementations (``impl``):
   ``reference``  ``lax.scan`` over tokens (``reference.naive_scan``): the oracle.
   ``xla``        the chunked form in jnp (``reference.chunked_scan``): intra-chunk quadratic
                  form, inter-chunk state carried by ``lax.scan`` over chunks.
-  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``), on a TPU or with ``interpret``.
+  ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``), on a TPU or with ``interpret``:
+                 grid ``(B, H, chunks)``, the state in VMEM across the sequential chunk axis;
+                 backward through a reverse-sweep Pallas kernel. ``chunk_size`` a multiple of
+                 8 on a TPU. Not yet run on a TPU.
   ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``), on a GPU or with ``interpret``.
   ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla``.
 
@@ -39,7 +42,7 @@ from kernels.scan import reference
 
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 _PALLAS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # impl -> backend, and its module
-_KERNELS = ()  # backends whose kernel module exists
+_KERNELS = ("tpu",)  # backends whose kernel module exists
 
 
 def _check(q, k, v, log_decay, chunk_size, initial_state):
