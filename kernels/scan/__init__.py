@@ -20,8 +20,13 @@ Implementations (``impl``):
                  grid ``(B, H, chunks)``, the state in VMEM across the sequential chunk axis;
                  backward through a reverse-sweep Pallas kernel. ``chunk_size`` a multiple of
                  8 on a TPU. Not yet run on a TPU.
-  ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``), on a GPU or with ``interpret``.
-  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla``.
+  ``pallas_gpu`` the Pallas Mosaic GPU forward kernel (``gpu.py``, Hopper wgmma), on a GPU or
+                 with ``interpret``: one warpgroup per (batch, head) pipelines the chunks with
+                 the state in registers; float16/bfloat16, ``chunk_size = 64``, ``K`` and ``V``
+                 multiples of 64 on the GPU; backward through the ``xla`` form's VJP. Not yet
+                 run on a GPU.
+  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla`` (also on GPUs, until the GPU
+                 kernel is measured faster there).
 
 All paths accumulate in float32; differentiable in every argument but ``chunk_size``.
 
@@ -42,7 +47,6 @@ from kernels.scan import reference
 
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 _PALLAS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # impl -> backend, and its module
-_KERNELS = ("tpu",)  # backends whose kernel module exists
 
 
 def _check(q, k, v, log_decay, chunk_size, initial_state):
@@ -127,11 +131,6 @@ def chunked_scan(
     if impl == "xla":
         return reference.chunked_scan(*args, initial_state_BHKV, chunk_size=chunk_size)
     backend = _PALLAS[impl]
-    if backend not in _KERNELS:
-        raise NotImplementedError(
-            f"chunked_scan impl={impl!r} has no kernel yet; available: "
-            f"{['auto', 'reference', 'xla', *(i for i, b in _PALLAS.items() if b in _KERNELS)]}"
-        )
     if jax.default_backend() != backend and not interpret:
         raise ValueError(
             f"impl={impl!r} needs a {backend.upper()} backend (running on "

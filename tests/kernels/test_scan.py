@@ -61,19 +61,21 @@ CASES = {
     ),
     "chunk_longer_than_T_weak_decay": ((1, 20, 1, 1, 8, 16), 64, dict(decay_scale=1e-3)),
 }
+# Kernel-only cases (not run on the xla path): the GPU kernel's 64-token chunks.
+KERNEL_CASES = {"gqa_chunk64": ((1, 100, 2, 4, 32, 32), 64, {})}
 
 
 @functools.cache
 def expected(name):
     """The oracle's outputs and gradients for ``CASES[name]`` (shared with the kernel tests)."""
-    (B, T, G, H, K, V), _, kwargs = CASES[name]
+    (B, T, G, H, K, V), _, kwargs = (CASES | KERNEL_CASES)[name]
     inputs = make_inputs(B, T, G, H, K, V, **kwargs)
     return _jit(functools.partial(run_with_grads, scan.reference.naive_scan))(*inputs)
 
 
 def check_case(name, impl, **kw):
     """``impl`` (with options ``kw``) matches the oracle on ``CASES[name]``."""
-    (B, T, G, H, K, V), chunk_size, kwargs = CASES[name]
+    (B, T, G, H, K, V), chunk_size, kwargs = (CASES | KERNEL_CASES)[name]
     dtype = kwargs.get("dtype", "float32")
 
     def f(q, k, v, a, s0):
