@@ -19,6 +19,8 @@ NORM_KINDS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = (None, "int8")
 MOE_DISPATCH = ("dropless", "capacity")
+# ``naive``: models.ssm.naive_scan; the rest are kernels.scan.chunked_scan impls.
+SSM_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,17 @@ class ModelConfig:
       router_aux_loss_coef / router_z_loss_coef: weights of the load-balancing loss (Switch,
         arXiv:2101.03961 eq. 4) and the router z-loss (ST-MoE, arXiv:2202.08906 eq. 5).
       moe_impl / moe_interpret: ``impl`` and ``interpret`` of ``kernels.moe.grouped_matmul``.
+      ssm_state_size, ssm_head_dim, ssm_groups, ssm_expand, ssm_conv_kernel: the
+        ``"mamba2"`` mixer's shapes (``models.ssm``; Mamba-2's ``d_state``, ``headdim``,
+        ``ngroups``, ``expand``, ``d_conv``): inner width ``I = ssm_expand * d_model``, split
+        into ``ssm_heads`` heads of ``ssm_head_dim`` (``None``: ``I // ssm_head_dim``; must
+        multiply back to ``I``), B/C shared by ``ssm_heads // ssm_groups`` heads each.
+      ssm_chunk_size / ssm_impl / ssm_interpret: chunk length, ``impl`` and ``interpret`` of
+        ``kernels.scan.chunked_scan``; ``ssm_impl="naive"`` runs ``models.ssm.naive_scan``
+        (the per-step oracle) instead.
+      ssm_time_step_limit: ``(lo, hi)`` clamp of ``dt`` after the softplus.
+      ssm_conv_bias / ssm_bias: bias of the conv / of the in and out projections. The gated
+        RMSNorm inside the mixer uses ``norm_eps``.
       kv_cache_dtype: ``None`` keeps the KV cache in ``dtype``; ``"int8"`` stores it as int8
         with one float32 scale per token and kv head (``models.state.KVCache``).
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
@@ -114,6 +127,18 @@ class ModelConfig:
     router_z_loss_coef: float = 0.0
     moe_impl: str = "auto"
     moe_interpret: bool = False
+    ssm_state_size: int = 128
+    ssm_heads: int | None = None
+    ssm_head_dim: int = 64
+    ssm_groups: int = 1
+    ssm_expand: int = 2
+    ssm_conv_kernel: int = 4
+    ssm_chunk_size: int = 256
+    ssm_impl: str = "auto"
+    ssm_interpret: bool = False
+    ssm_time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    ssm_conv_bias: bool = True
+    ssm_bias: bool = False
     init_std: float = 0.02
     hf_architecture: str | None = None
     source: str = ""
@@ -158,6 +183,41 @@ class ModelConfig:
                 )
             if self.capacity_factor <= 0:
                 raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+        self._check_ssm()
+
+    def _check_ssm(self) -> None:
+        if self.ssm_heads is None:
+            heads = self.ssm_intermediate // max(self.ssm_head_dim, 1)
+            object.__setattr__(self, "ssm_heads", heads)
+        object.__setattr__(self, "ssm_time_step_limit", tuple(self.ssm_time_step_limit))
+        _check_choice("ssm_impl", self.ssm_impl, SSM_IMPLS)
+        if "mamba2" not in self.mixer_pattern:
+            return
+        for field in ("ssm_state_size", "ssm_heads", "ssm_head_dim", "ssm_groups", "ssm_expand"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.ssm_conv_kernel < 1 or self.ssm_chunk_size < 1:
+            raise ValueError(
+                f"ssm_conv_kernel={self.ssm_conv_kernel} and ssm_chunk_size="
+                f"{self.ssm_chunk_size} must be positive"
+            )
+        if self.ssm_heads * self.ssm_head_dim != self.ssm_intermediate:
+            raise ValueError(
+                f"ssm_heads * ssm_head_dim = {self.ssm_heads} * {self.ssm_head_dim} must equal "
+                f"ssm_expand * d_model = {self.ssm_intermediate}"
+            )
+        if self.ssm_heads % self.ssm_groups:
+            raise ValueError(
+                f"ssm_heads={self.ssm_heads} is not divisible by ssm_groups={self.ssm_groups}"
+            )
+        lo, hi = self.ssm_time_step_limit
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"ssm_time_step_limit={self.ssm_time_step_limit} needs 0 <= lo <= hi")
+
+    @property
+    def ssm_intermediate(self) -> int:
+        """Inner width ``I = ssm_expand * d_model`` of a ``"mamba2"`` mixer."""
+        return self.ssm_expand * self.d_model
 
     @property
     def expert_ffn_dim(self) -> int:
@@ -188,6 +248,10 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}")
         if "head_dim" not in overrides and ({"d_model", "num_heads"} & set(overrides)):
             overrides["head_dim"] = None  # re-derive unless given
+        if "ssm_heads" not in overrides and (
+            {"d_model", "ssm_expand", "ssm_head_dim"} & set(overrides)
+        ):
+            overrides["ssm_heads"] = None
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -198,7 +262,12 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        for key in ("sliding_window_layers", "mixer_pattern", "channel_pattern"):
+        for key in (
+            "sliding_window_layers",
+            "mixer_pattern",
+            "channel_pattern",
+            "ssm_time_step_limit",
+        ):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -477,6 +546,75 @@ def qwen1_5_moe_a2_7b() -> ModelConfig:
         max_seq_len=8192,
         hf_architecture="Qwen2MoeForCausalLM",
         source="Qwen/Qwen1.5-MoE-A2.7B config.json (14.3B total, 2.7B activated per its card)",
+    )
+
+
+def _mamba2(name, d, layers, vocab, source, **extra) -> ModelConfig:
+    # A Mamba-2 LM: every block is norm -> Mamba-2 mixer -> residual, no MLP
+    # (mamba_ssm's MambaLMHeadModel with ssm_cfg layer "Mamba2", d_intermediate 0).
+    return ModelConfig(
+        name=name,
+        vocab_size=vocab,
+        d_model=d,
+        num_layers=layers,
+        mixer_pattern=("mamba2",),
+        channel_pattern=("none",),
+        tie_embeddings=True,
+        hf_architecture="Mamba2ForCausalLM",
+        source=source,
+        **extra,
+    )
+
+
+@_preset
+def mamba2_tiny() -> ModelConfig:
+    """Tiny Mamba-2 for tests: 8 heads of 16 in 2 B/C groups, state 16, byte vocabulary."""
+    return _mamba2(
+        "mamba2-tiny",
+        64,
+        2,
+        264,
+        "Kestrel test shape",
+        ssm_state_size=16,
+        ssm_head_dim=16,
+        ssm_groups=2,
+        ssm_chunk_size=32,
+        max_seq_len=512,
+    )
+
+
+@_preset
+def mamba2_2_7b() -> ModelConfig:
+    # mamba_ssm pads the vocabulary to a multiple of pad_vocab_size_multiple=16: 50277 -> 50288.
+    return _mamba2(
+        "mamba2-2.7b",
+        2560,
+        64,
+        50288,
+        "state-spaces/mamba2-2.7b config.json (d_model 2560, n_layer 64, vocab 50277 padded to "
+        "a multiple of 16, tied) with mamba_ssm's Mamba2 defaults (d_state 128, headdim 64, "
+        "expand 2, ngroups 1, d_conv 4, chunk 256); arXiv:2405.21060 §9",
+        ssm_state_size=128,
+        ssm_head_dim=64,
+        ssm_groups=1,
+        ssm_chunk_size=256,
+        max_seq_len=1 << 20,
+    )
+
+
+@_preset
+def mamba2_hybrid_tiny() -> ModelConfig:
+    """Jamba/Zamba-style hybrid for tests: two Mamba-2 layers then one attention, MLP channels."""
+    return dense_tiny().replace(
+        name="mamba2-hybrid-tiny",
+        num_layers=3,
+        mixer_pattern=("mamba2", "mamba2", "attention"),
+        ssm_state_size=16,
+        ssm_head_dim=16,
+        ssm_groups=2,
+        ssm_chunk_size=32,
+        hf_architecture=None,
+        source="Kestrel test shape",
     )
 
 

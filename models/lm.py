@@ -25,13 +25,14 @@ from models.layers import Einsum, Embed, make_norm
 from models.layers.linear import shapes_only
 from models.mlp import MLP
 from models.moe import MoE, combine_aux
+from models.ssm import Mamba2
 from models.state import DecodeState, Segment
 from partitioning.rules import shard_as
 
 _RESIDUAL = ("act_batch", "act_seq", "act_embed")
 _INPUT = ("act_batch", "act_seq", "act_hidden")
 
-MIXERS: dict[str, type] = {"attention": Attention}
+MIXERS: dict[str, type] = {"attention": Attention, "mamba2": Mamba2}
 CHANNELS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 
 

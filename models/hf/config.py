@@ -40,6 +40,7 @@ MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Mamba2ForCausalLM": "mamba2",  # models.hf.mamba2
 }
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_TYPES))
@@ -255,6 +256,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
       ConversionError: unsupported architecture, activation, RoPE type or layer type.
     """
     arch = architecture(hf)
+    if arch == "Mamba2ForCausalLM":
+        from models.hf import mamba2  # noqa: PLC0415 (it imports this module)
+
+        return mamba2.config_from_hf(hf)
     defaults = _HF_DEFAULTS[arch]
     get = lambda key: hf.get(key, defaults.get(key))
     if get("hidden_act") not in ("silu", "swish"):
@@ -300,6 +305,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def _infer_architecture(cfg: ModelConfig) -> str:
+    if "mamba2" in cfg.mixer_pattern:
+        return "Mamba2ForCausalLM"
     windows = {cfg.window(i) for i in range(cfg.num_layers)}
     if "moe" in cfg.channel_pattern:
         mixtral = set(cfg.channel_pattern) == {"moe"} and len(windows) == 1
@@ -326,6 +333,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       ConversionError: ``cfg`` uses a feature the architecture cannot express.
     """
     arch = cfg.hf_architecture or _infer_architecture(cfg)
+    if arch == "Mamba2ForCausalLM":
+        from models.hf import mamba2  # noqa: PLC0415 (it imports this module)
+
+        return mamba2.config_to_hf(cfg)
 
     def require(ok: bool, why: str):
         if not ok:

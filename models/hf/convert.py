@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models.configs import ModelConfig
+from models.hf import mamba2
 from models.hf.config import (
     ConversionError,
     _infer_architecture,
@@ -53,8 +54,9 @@ class _Tensor:
     """One HF tensor and the parameter it fills.
 
     ``kind``: ``"same"`` (identical layout), ``"bias"`` (HF flattens the trailing dims),
-    ``"linear"`` (an ``[out, in]`` HF weight; ``n_in`` leading dims of our kernel are inputs)
-    or ``"expert"`` (the ``[out, in]`` weight of expert ``expert``: slice ``expert`` of our
+    ``"linear"`` (an ``[out, in]`` HF weight; ``n_in`` leading dims of our kernel are inputs),
+    ``"conv"`` (a depthwise ``nn.Conv1d`` weight ``[R, 1, W]``, ours ``[W, R]``) or
+    ``"expert"`` (the ``[out, in]`` weight of expert ``expert``: slice ``expert`` of our
     ``[E, in, out]`` kernel, transposed).
     """
 
@@ -65,6 +67,8 @@ class _Tensor:
     expert: int | None = None
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (shape[1], 1, shape[0])
         if self.kind == "expert":
             return (shape[2], shape[1])
         if self.kind == "bias":
@@ -74,11 +78,15 @@ class _Tensor:
         return tuple(shape)
 
     def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "conv":
+            return np.ascontiguousarray(w[:, 0, :].T)
         if self.kind == "expert":
             return w.T
         return (w.T if self.kind == "linear" else w).reshape(shape)
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return np.ascontiguousarray(w.T[:, None, :])
         if self.kind == "expert":
             return np.ascontiguousarray(w[self.expert].T)
         if self.kind == "linear":
@@ -88,6 +96,8 @@ class _Tensor:
 
 def tensor_map(cfg: ModelConfig) -> list[_Tensor]:
     """Every HF tensor of ``cfg``'s checkpoint and the ``LM`` parameter path it maps to."""
+    if (cfg.hf_architecture or _infer_architecture(cfg)) == mamba2.ARCHITECTURE:
+        return [_Tensor(*spec) for spec in mamba2.tensor_names(cfg)]
     specs = [_Tensor("model.embed_tokens.weight", ("embed", "embedding"))]
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", ("blocks", i)

@@ -19,6 +19,9 @@ EXACT = {
     # "46.7B total". Qwen1.5-MoE-A2.7B: "14.3B total" on its model card; both closed form.
     "mixtral-8x7b": 46_702_792_704,
     "qwen1.5-moe-a2.7b": 14_315_784_192,
+    # state-spaces/mamba2-2.7b (vocabulary padded to 50288, tied): equal to transformers'
+    # Mamba2ForCausalLM on the meta device (tests/models/test_hf_mamba2.py).
+    "mamba2-2.7b": 2_702_599_680,
 }
 # Parameters one token uses (``models.count_active_params``): Mixtral's "12.9B active"
 # (arXiv:2401.04088 §2 says 13B), Qwen1.5-MoE-A2.7B's "2.7B activated" (model card).
@@ -33,6 +36,8 @@ PALM_BILLIONS = {"palm-8b": 8.63, "palm-62b": 62.50, "palm-540b": 540.35}
 def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
     """Parameters of the decoder from its shapes alone (no MLP or output biases, RMS/scale-only
     norms); ``active``: only the ``experts_per_token`` routed experts a token uses."""
+    if "mamba2" in cfg.mixer_pattern:
+        return _closed_form_mamba2(cfg)
     D, F, V, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.num_layers
     attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     attn += cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads) if cfg.qkv_bias else 0
@@ -45,6 +50,24 @@ def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
     norms = (1 if cfg.parallel_block else 2) * D
     head = 0 if cfg.tie_embeddings else D * V
     return V * D + L * (attn + norms) + channels + D + head
+
+
+def _closed_form_mamba2(cfg: models.ModelConfig) -> int:
+    """Mamba-2 (and hybrid) stacks: per layer ``in_proj [D, 2I + 2GN + H]``, depthwise conv
+    ``[C, W]`` + bias over ``C = I + 2GN``, ``dt_bias``/``A_log``/``D`` per head, gated-norm
+    scale ``[I]``, ``out_proj [I, D]``; attention layers as above; MLP or no channel."""
+    D, V, L, F = cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.ffn_dim
+    inner, H, G, N = cfg.ssm_intermediate, cfg.ssm_heads, cfg.ssm_groups, cfg.ssm_state_size
+    C = inner + 2 * G * N
+    ssm = D * (inner + C + H) + C * (cfg.ssm_conv_kernel + cfg.ssm_conv_bias) + 3 * H
+    ssm += inner + inner * D
+    attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * D * F
+    total = V * D + D + (0 if cfg.tie_embeddings else D * V)
+    for i in range(L):
+        total += (ssm if cfg.mixer(i) == "mamba2" else attn) + D
+        total += 0 if cfg.channel(i) == "none" else mlp + D
+    return total
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))
