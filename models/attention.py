@@ -57,13 +57,14 @@ class Attention(nnx.Module):
         self.impl, self.interpret = cfg.attention_impl, cfg.attention_interpret
         self.num_kv_heads, self.head_dim = K, H
         self.cache_dtype = _CACHE_DTYPES[cfg.kv_cache_dtype] or dt
-        self.rope = (H, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = (int(H * cfg.rope_fraction), cfg.rope_theta, cfg.rope_scaling)
 
     def init_state(self, batch: int, max_len: int) -> KVCache:
         return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, self.cache_dtype)
 
-    def __call__(self, x_BTD, segment: Segment, cache: KVCache | None = None):
-        positions_BT, inv_freq = segment.positions_BT, rope_frequencies(*self.rope)
+    def project(self, x_BTD, positions_BT):
+        """Queries, keys (both rotated by RoPE at ``positions_BT``) and values of a chunk."""
+        inv_freq = rope_frequencies(*self.rope)
         # Batch-sharded attention (Pope et al. 2022 §3.3) regroups queries by batch here;
         # RoPE comes after, so queries and keys share one layout of its tables.
         q_BTNH = shard_as(shard_as(shard_as(self.q(x_BTD), _PROJ_Q), _REGROUP_Q), _ATTN_Q)
@@ -71,6 +72,15 @@ class Attention(nnx.Module):
         v_BTKH = shard_as(shard_as(self.v(x_BTD), _PROJ_KV), _ATTN_KV)
         q_BTNH = shard_as(apply_rope(q_BTNH, positions_BT, inv_freq), _ATTN_Q)
         k_BTKH = shard_as(apply_rope(k_BTKH, positions_BT, inv_freq), _ATTN_KV)
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def output(self, out_BTNH):
+        """The output projection of the attention result ``[B, T, N, H]``."""
+        out_BTNH = shard_as(shard_as(shard_as(out_BTNH, _ATTN_Q), _REGROUP_Q), _PROJ_Q)
+        return self.o(out_BTNH)
+
+    def __call__(self, x_BTD, segment: Segment, cache: KVCache | None = None):
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, segment.positions_BT)
         opts = dict(sliding_window=self.window, impl=self.impl, interpret=self.interpret)
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH, segment)
@@ -97,5 +107,4 @@ class Attention(nnx.Module):
                 segment.lengths_B,
                 **cached_opts,
             )
-        out_BTNH = shard_as(shard_as(shard_as(out_BTNH, _ATTN_Q), _REGROUP_Q), _PROJ_Q)
-        return self.o(out_BTNH), cache
+        return self.output(out_BTNH), cache

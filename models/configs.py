@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import ml_dtypes
+
 MLP_KINDS = ("swiglu", "geglu", "gelu")
-NORM_KINDS = ("rms", "layer")
+NORM_KINDS = ("rms", "rms_plus_one", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = (None, "int8")
 MOE_DISPATCH = ("dropless", "capacity")
@@ -49,7 +51,9 @@ class ModelConfig:
       head_dim: per-head size; ``None`` means ``d_model // num_heads``.
       mlp: ``"swiglu"``, ``"geglu"`` (gated, three matrices) or ``"gelu"`` (two matrices).
       parallel_block: PaLM-style ``x + attn(norm(x)) + mlp(norm(x))`` with one norm per layer.
-      norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm, scale only: PaLM has no biases).
+      norm: ``"rms"`` (RMSNorm), ``"rms_plus_one"`` (RMSNorm applying its stored scale ``w``
+        as ``1 + w``: Gemma, RecurrentGemma) or ``"layer"`` (LayerNorm, scale only: PaLM has no
+        biases).
       sliding_window: attention window ``w`` (a query at ``p`` sees keys in ``(p - w, p]``).
       sliding_window_layers: the layers that use the window; ``None`` means every layer.
       mixer_pattern / channel_pattern: names from the mixer / channel registries of
@@ -81,6 +85,19 @@ class ModelConfig:
       ssm_time_step_limit: ``(lo, hi)`` clamp of ``dt`` after the softplus.
       ssm_conv_bias / ssm_bias: bias of the conv / of the in and out projections. The gated
         RMSNorm inside the mixer uses ``norm_eps``.
+      rope_fraction: fraction of each head's dimensions that RoPE rotates (the first
+        ``head_dim * rope_fraction``; the rest pass through): RecurrentGemma's
+        ``partial_rotary_factor`` 0.5.
+      embed_scale: multiplier of the token embeddings, applied in the compute dtype (Gemma's
+        ``sqrt(d_model)``; RecurrentGemma's is that value rounded to bfloat16, as its HF
+        ``normalizer`` buffer is). 1.0: none.
+      final_logit_softcap: ``c`` maps the output logits to ``c * tanh(logits / c)`` (Gemma 2,
+        RecurrentGemma's ``logits_soft_cap``); ``None``: no cap.
+      lru_width: width of the ``"rglru"`` recurrent block (``models.griffin``, Griffin's RNN
+        width, arXiv:2402.19427 §2.4); ``None`` means ``d_model``.
+      lru_heads: blocks of the block-diagonal RG-LRU gate matrices (``lru_width`` divisible by
+        it); ``None`` means ``num_heads``, as in RecurrentGemma.
+      lru_conv_width: kernel width of the ``"rglru"`` block's causal depthwise convolution.
       kv_cache_dtype: ``None`` keeps the KV cache in ``dtype``; ``"int8"`` stores it as int8
         with one float32 scale per token and kv head (``models.state.KVCache``).
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
@@ -115,6 +132,12 @@ class ModelConfig:
     attention_impl: str = "auto"
     attention_interpret: bool = False
     kv_cache_dtype: str | None = None
+    rope_fraction: float = 1.0
+    embed_scale: float = 1.0
+    final_logit_softcap: float | None = None
+    lru_width: int | None = None
+    lru_heads: int | None = None
+    lru_conv_width: int = 4
     num_experts: int = 0
     experts_per_token: int = 2
     moe_ffn_dim: int | None = None
@@ -172,6 +195,7 @@ class ModelConfig:
                 raise ValueError(f"sliding_window_layers {bad} outside 0..{self.num_layers - 1}")
         if not self.mixer_pattern or not self.channel_pattern:
             raise ValueError("mixer_pattern and channel_pattern must be non-empty")
+        self._check_griffin()
         _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCH)
         if "moe" in self.channel_pattern:
             if self.num_experts < 1:
@@ -218,6 +242,40 @@ class ModelConfig:
     def ssm_intermediate(self) -> int:
         """Inner width ``I = ssm_expand * d_model`` of a ``"mamba2"`` mixer."""
         return self.ssm_expand * self.d_model
+
+    def _check_griffin(self) -> None:
+        rotary = self.head_dim * self.rope_fraction
+        if not 0.0 < self.rope_fraction <= 1.0 or rotary != int(rotary) or int(rotary) % 2:
+            raise ValueError(
+                f"rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an even "
+                f"number of the head_dim={self.head_dim} dimensions"
+            )
+        if self.final_logit_softcap is not None and self.final_logit_softcap <= 0:
+            raise ValueError(
+                f"final_logit_softcap must be positive or None, got {self.final_logit_softcap}"
+            )
+        if "local_attention" in self.mixer_pattern and self.sliding_window is None:
+            raise ValueError(
+                "mixer_pattern has 'local_attention' blocks but sliding_window is None"
+            )
+        if "rglru" in self.mixer_pattern:
+            if self.lru_conv_width < 1:
+                raise ValueError(f"lru_conv_width must be positive, got {self.lru_conv_width}")
+            if self.rnn_width < 1 or self.rnn_heads < 1 or self.rnn_width % self.rnn_heads:
+                raise ValueError(
+                    f"lru_width={self.rnn_width} must be a positive multiple of "
+                    f"lru_heads={self.rnn_heads}"
+                )
+
+    @property
+    def rnn_width(self) -> int:
+        """Width of the ``"rglru"`` recurrent block (``lru_width`` or ``d_model``)."""
+        return self.d_model if self.lru_width is None else self.lru_width
+
+    @property
+    def rnn_heads(self) -> int:
+        """Blocks of the RG-LRU gate matrices (``lru_heads`` or ``num_heads``)."""
+        return self.num_heads if self.lru_heads is None else self.lru_heads
 
     @property
     def expert_ffn_dim(self) -> int:
@@ -546,6 +604,65 @@ def qwen1_5_moe_a2_7b() -> ModelConfig:
         max_seq_len=8192,
         hf_architecture="Qwen2MoeForCausalLM",
         source="Qwen/Qwen1.5-MoE-A2.7B config.json (14.3B total, 2.7B activated per its card)",
+    )
+
+
+def _griffin(name, vocab, d, layers, heads, kv_heads, head_dim, ffn, window, source, **kw):
+    # RecurrentGemma (arXiv:2404.07839 §2, HF modeling_recurrent_gemma): residual blocks of
+    # two RG-LRU recurrent blocks then one local MQA block, gated GELU MLPs with biases whose
+    # width is half of HF's intermediate_size, (1 + w) RMSNorms, embeddings scaled by
+    # sqrt(d_model) rounded to bfloat16, half-rotary RoPE, tied output head soft-capped at 30.
+    return ModelConfig(
+        name=name,
+        vocab_size=vocab,
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_dim=ffn,
+        mlp="geglu",
+        mlp_bias=True,
+        out_bias=True,
+        norm="rms_plus_one",
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        rope_fraction=0.5,
+        sliding_window=window,
+        mixer_pattern=("rglru", "rglru", "local_attention"),
+        embed_scale=float(ml_dtypes.bfloat16(d**0.5)),
+        final_logit_softcap=30.0,
+        lru_width=d,
+        lru_conv_width=4,
+        hf_architecture="RecurrentGemmaForCausalLM",
+        source=source,
+        **kw,
+    )
+
+
+@_preset
+def griffin_tiny() -> ModelConfig:
+    """Tiny Griffin (RecurrentGemma-shaped) model for tests: window 8, byte vocabulary."""
+    return _griffin(
+        "griffin-tiny", 264, 64, 3, 4, 1, 16, 128, 8, "Kestrel test shape", max_seq_len=512
+    )
+
+
+@_preset
+def recurrentgemma_2b() -> ModelConfig:
+    return _griffin(
+        "recurrentgemma-2b",
+        256000,
+        2560,
+        26,
+        10,
+        1,
+        256,
+        15360 // 2,
+        2048,
+        "google/recurrentgemma-2b config.json (intermediate_size 15360, halved by HF's "
+        "RecurrentGemmaMlp) and arXiv:2404.07839 Table 1 (2.7B parameters)",
+        max_seq_len=8192,
     )
 
 

@@ -21,6 +21,7 @@ from flax import nnx, struct
 
 from models.attention import Attention
 from models.configs import ModelConfig
+from models.griffin import LocalAttention, RGLRUBlock
 from models.layers import Einsum, Embed, make_norm
 from models.layers.linear import shapes_only
 from models.mlp import MLP
@@ -34,6 +35,7 @@ _INPUT = ("act_batch", "act_seq", "act_hidden")
 
 MIXERS: dict[str, type] = {"attention": Attention, "mamba2": Mamba2}
 CHANNELS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
+MIXERS.update(rglru=RGLRUBlock, local_attention=LocalAttention)
 
 
 def register_mixer(name: str, cls: type) -> None:
@@ -180,7 +182,10 @@ class LM(nnx.Module):
         else:
             starts_B = state.lengths_B
             segment = Segment(starts_B, starts_B + num_new_B, T, fresh)
-        x_BTD = shard_as(self.embed(tokens_BT), _RESIDUAL)
+        x_BTD = self.embed(tokens_BT)
+        if self.config.embed_scale != 1.0:
+            x_BTD = x_BTD * jnp.asarray(self.config.embed_scale, x_BTD.dtype)
+        x_BTD = shard_as(x_BTD, _RESIDUAL)
         layer_states, auxes = [], []
         for i, block in enumerate(self.blocks):
             x_BTD, layer_state, aux = block(
@@ -197,10 +202,10 @@ class LM(nnx.Module):
         return logits_BTV, state, auxes
 
     def logits(self, x_BTD):
-        """Output head (tied or not), float32."""
-        if self.lm_head is None:
-            return self.embed.attend(x_BTD)
-        return self.lm_head(x_BTD)
+        """Output head (tied or not), float32, soft-capped if ``final_logit_softcap`` is set."""
+        logits_BTV = self.embed.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
+        cap = self.config.final_logit_softcap
+        return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
 
 
 def build(config: ModelConfig, *, seed: int = 0) -> LM:

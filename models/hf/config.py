@@ -26,11 +26,21 @@ Semantics follow transformers 5 (checked against 5.24's sources):
   ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0`` (dense layers have
   ``intermediate_size``); that becomes ``channel_pattern``. ``output_router_logits`` only asks
   transformers to compute its aux loss; ``models.LM`` always reports it.
+* RecurrentGemma (``configuration_recurrent_gemma`` / ``modeling_recurrent_gemma``):
+  ``block_types`` repeat over the layers (``recurrent`` -> mixer ``"rglru"``, ``attention`` ->
+  ``"local_attention"`` with window ``attention_window_size``); ``head_dim`` is always
+  ``hidden_size // num_attention_heads`` (a ``head_dim`` key is ignored); the gated GELU MLP is
+  ``intermediate_size // 2`` wide, with biases, as is ``o_proj`` (q/k/v biases iff
+  ``attention_bias``); the RG-LRU gates have ``num_attention_heads`` blocks; embeddings are
+  multiplied by ``sqrt(hidden_size)`` rounded to bfloat16 (the ``normalizer`` buffer);
+  norms are ``(1 + w)`` RMSNorms; RoPE rotates ``partial_rotary_factor`` (default 0.5) of each
+  head; logits are soft-capped at ``logits_soft_cap``; the output head is tied.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_dtypes
 
 from models.configs import DTYPES, ModelConfig, RopeScaling, shortest_cycle
 
@@ -41,6 +51,7 @@ MODEL_TYPES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Mamba2ForCausalLM": "mamba2",  # models.hf.mamba2
+    "RecurrentGemmaForCausalLM": "recurrent_gemma",
 }
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_TYPES))
@@ -249,6 +260,125 @@ def _moe(hf: dict, arch: str, get, num_layers: int) -> dict:
     )
 
 
+_RG_DEFAULTS = dict(  # RecurrentGemmaConfig class defaults, transformers 5.24
+    num_hidden_layers=26,
+    vocab_size=256000,
+    hidden_size=2560,
+    intermediate_size=3 * 2560,
+    num_attention_heads=10,
+    lru_width=None,
+    attention_window_size=2048,
+    conv1d_width=4,
+    logits_soft_cap=30.0,
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    block_types=("recurrent", "recurrent", "attention"),
+    num_key_value_heads=None,
+    attention_bias=False,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+    partial_rotary_factor=0.5,
+)
+_RG_BLOCKS = {"recurrent": "rglru", "attention": "local_attention"}
+
+
+def _recurrent_gemma_from_hf(hf: dict) -> ModelConfig:
+    get = lambda key: hf[key] if hf.get(key) is not None else _RG_DEFAULTS[key]
+    if get("hidden_activation") != "gelu_pytorch_tanh":
+        raise ConversionError(
+            f"unsupported hidden_activation {get('hidden_activation')!r}; supported: "
+            "gelu_pytorch_tanh"
+        )
+    if not get("tie_word_embeddings"):
+        raise ConversionError("RecurrentGemma's output head is tied to its embeddings")
+    unknown = sorted(set(get("block_types")) - set(_RG_BLOCKS))
+    if unknown:
+        raise ConversionError(f"unsupported block_types {unknown}; supported: {list(_RG_BLOCKS)}")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConversionError(f"RecurrentGemma supports only default RoPE, got {rope}")
+    d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    return ModelConfig(
+        name="hf-recurrent_gemma",
+        vocab_size=int(get("vocab_size")),
+        d_model=d,
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(get("num_key_value_heads") or heads),
+        head_dim=d // heads,
+        ffn_dim=int(get("intermediate_size")) // 2,
+        mlp="geglu",
+        mlp_bias=True,
+        qkv_bias=bool(get("attention_bias")),
+        out_bias=True,
+        norm="rms_plus_one",
+        norm_eps=float(get("rms_norm_eps")),
+        tie_embeddings=True,
+        rope_theta=float(rope.get("rope_theta", get("rope_theta"))),
+        rope_fraction=float(rope.get("partial_rotary_factor", get("partial_rotary_factor"))),
+        sliding_window=int(get("attention_window_size")),
+        mixer_pattern=tuple(_RG_BLOCKS[b] for b in get("block_types")),
+        embed_scale=float(ml_dtypes.bfloat16(d**0.5)),
+        final_logit_softcap=float(get("logits_soft_cap")),
+        lru_width=int(get("lru_width") or d),
+        lru_heads=heads,
+        lru_conv_width=int(get("conv1d_width")),
+        # RecurrentGemma has no position limit; 8192 is its training length (arXiv:2404.07839).
+        max_seq_len=int(hf.get("max_position_embeddings") or 8192),
+        hf_architecture="RecurrentGemmaForCausalLM",
+        source="Hugging Face config.json",
+    )
+
+
+def _recurrent_gemma_to_hf(cfg: ModelConfig, require) -> dict:
+    blocks = {v: k for k, v in _RG_BLOCKS.items()}
+    require(set(cfg.mixer_pattern) <= set(blocks), f"mixer_pattern={cfg.mixer_pattern}")
+    require(set(cfg.channel_pattern) == {"mlp"}, f"channel_pattern={cfg.channel_pattern}")
+    require(cfg.head_dim * cfg.num_heads == cfg.d_model, "head_dim must be d_model // num_heads")
+    require(cfg.rnn_heads == cfg.num_heads, "the RG-LRU gates have num_heads blocks")
+    require(cfg.mlp == "geglu" and cfg.mlp_bias and cfg.out_bias, "geglu MLP and o with biases")
+    require(cfg.norm == "rms_plus_one" and cfg.tie_embeddings, "(1 + w) RMSNorm, tied head")
+    require(not cfg.parallel_block and cfg.rope_scaling is None, "sequential blocks, plain RoPE")
+    require(cfg.sliding_window_layers is None, "every attention layer is local")
+    require(
+        cfg.embed_scale == float(ml_dtypes.bfloat16(cfg.d_model**0.5)),
+        f"embed_scale={cfg.embed_scale} (needs sqrt(d_model) in bfloat16)",
+    )
+    require(cfg.final_logit_softcap is not None, "logits are always soft-capped")
+    return {
+        "architectures": ["RecurrentGemmaForCausalLM"],
+        "model_type": "recurrent_gemma",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": 2 * cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "lru_width": cfg.rnn_width,
+        "attention_window_size": cfg.sliding_window,
+        "conv1d_width": cfg.lru_conv_width,
+        "logits_soft_cap": cfg.final_logit_softcap,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "block_types": [blocks[m] for m in cfg.mixer_pattern],
+        "attention_bias": cfg.qkv_bias,
+        "tie_word_embeddings": True,
+        "embeddings_scale_by_sqrt_dim": True,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.rope_fraction,
+        },
+        "rope_theta": cfg.rope_theta,
+        "partial_rotary_factor": cfg.rope_fraction,
+        "max_position_embeddings": cfg.max_seq_len,
+        "use_cache": True,
+        "dtype": cfg.param_dtype,
+        "torch_dtype": cfg.param_dtype,
+    }
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ``ModelConfig`` of a Hugging Face ``config.json`` (already parsed into a dict).
 
@@ -260,6 +390,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         from models.hf import mamba2  # noqa: PLC0415 (it imports this module)
 
         return mamba2.config_from_hf(hf)
+    if arch == "RecurrentGemmaForCausalLM":
+        return _recurrent_gemma_from_hf(hf)
     defaults = _HF_DEFAULTS[arch]
     get = lambda key: hf.get(key, defaults.get(key))
     if get("hidden_act") not in ("silu", "swish"):
@@ -343,6 +475,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             raise ConversionError(f"cannot save as {arch}: {why}")
 
     require(arch in MODEL_TYPES, f"unsupported; supported: {list(SUPPORTED_ARCHITECTURES)}")
+    if arch == "RecurrentGemmaForCausalLM":
+        return _recurrent_gemma_to_hf(cfg, require)
     require(set(cfg.mixer_pattern) == {"attention"}, f"mixer_pattern={cfg.mixer_pattern}")
     channels = tuple(cfg.channel(i) for i in range(cfg.num_layers))
     if arch == "MixtralForCausalLM":

@@ -17,6 +17,11 @@ Qwen2-MoE ``mlp.experts.{e}.{gate,up,down}_proj`` plus ``mlp.shared_expert.*`` a
 ``mlp.shared_expert_gate`` ``[1, D]``. Loading also accepts transformers 5's fused in-memory
 layout (``mlp.experts.gate_up_proj`` ``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``,
 and Mixtral's ``block_sparse_moe.`` renamed ``mlp.``).
+
+RecurrentGemma: ``model.layers.{i}.temporal_block.`` holds the recurrent block (``linear_x``,
+``linear_y``, ``linear_out``, ``conv_1d`` ``[R, 1, W]`` -> our ``[W, R]``, ``rg_lru.*`` in our
+layout) or the attention (``{q,k,v,o}_proj``, ``o_proj.bias``); ``temporal_pre_norm`` /
+``channel_pre_norm`` / ``model.final_norm`` are the norms, ``mlp_block.*`` the MLP (biases).
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ def tensor_map(cfg: ModelConfig) -> list[_Tensor]:
     """Every HF tensor of ``cfg``'s checkpoint and the ``LM`` parameter path it maps to."""
     if (cfg.hf_architecture or _infer_architecture(cfg)) == mamba2.ARCHITECTURE:
         return [_Tensor(*spec) for spec in mamba2.tensor_names(cfg)]
+    if cfg.hf_architecture == "RecurrentGemmaForCausalLM":
+        return _recurrent_gemma_tensors(cfg)
     specs = [_Tensor("model.embed_tokens.weight", ("embed", "embedding"))]
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", ("blocks", i)
@@ -125,6 +132,45 @@ def tensor_map(cfg: ModelConfig) -> list[_Tensor]:
     specs.append(_Tensor("model.norm.weight", ("final_norm", "scale")))
     if not cfg.tie_embeddings:
         specs.append(_Tensor("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    return specs
+
+
+def _recurrent_gemma_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    specs = [_Tensor("model.embed_tokens.weight", ("embed", "embedding"))]
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", ("blocks", i)
+        mixer, block = (*ours, "mixer"), hf + "temporal_block."
+        specs.append(_Tensor(hf + "temporal_pre_norm.weight", (*ours, "mixer_norm", "scale")))
+        specs.append(_Tensor(hf + "channel_pre_norm.weight", (*ours, "channel_norm", "scale")))
+        if cfg.mixer(i) == "rglru":
+            for name in ("linear_x", "linear_y", "linear_out"):
+                path = (*mixer, name)
+                specs.append(_Tensor(f"{block}{name}.weight", (*path, "kernel"), "linear"))
+                specs.append(_Tensor(f"{block}{name}.bias", (*path, "bias")))
+            specs.append(_Tensor(block + "conv_1d.weight", (*mixer, "conv_w"), "conv"))
+            specs.append(_Tensor(block + "conv_1d.bias", (*mixer, "conv_b")))
+            for hf_name, name in (
+                ("recurrent_param", "a_param"),
+                ("input_gate_weight", "input_gate_w"),
+                ("input_gate_bias", "input_gate_b"),
+                ("recurrent_gate_weight", "a_gate_w"),
+                ("recurrent_gate_bias", "a_gate_b"),
+            ):
+                specs.append(_Tensor(f"{block}rg_lru.{hf_name}", (*mixer, name)))
+        else:
+            for name in "qkv":
+                path = (*mixer, name)
+                specs.append(_Tensor(f"{block}{name}_proj.weight", (*path, "kernel"), "linear"))
+                if cfg.qkv_bias:
+                    specs.append(_Tensor(f"{block}{name}_proj.bias", (*path, "bias"), "bias"))
+            o = (*mixer, "o")
+            specs.append(_Tensor(block + "o_proj.weight", (*o, "kernel"), "linear", n_in=2))
+            specs.append(_Tensor(block + "o_proj.bias", (*o, "bias")))
+        for name in ("gate", "up", "down"):
+            mlp = (*ours, "channel", name)
+            specs.append(_Tensor(f"{hf}mlp_block.{name}_proj.weight", (*mlp, "kernel"), "linear"))
+            specs.append(_Tensor(f"{hf}mlp_block.{name}_proj.bias", (*mlp, "bias")))
+    specs.append(_Tensor("model.final_norm.weight", ("final_norm", "scale")))
     return specs
 
 

@@ -2,7 +2,7 @@
 
 from models.layers.embeddings import Embed
 from models.layers.linear import Einsum, param
-from models.layers.norms import LayerNorm, RMSNorm, make_norm
+from models.layers.norms import LayerNorm, RMSNorm, RMSNormPlusOne, make_norm
 from models.layers.rope import apply_rope, rope_frequencies
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Embed",
     "LayerNorm",
     "RMSNorm",
+    "RMSNormPlusOne",
     "apply_rope",
     "make_norm",
     "param",

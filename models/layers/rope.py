@@ -29,11 +29,17 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 def apply_rope(x_BTNH, positions_BT, inv_freq):
-    """Rotate ``x`` by angle ``position * inv_freq``; computed in float32."""
+    """Rotate ``x`` by angle ``position * inv_freq``; computed in float32.
+
+    ``inv_freq`` of ``F`` entries rotates the first ``2 F`` dimensions of each head and passes
+    the rest through (partial rotary, e.g. RecurrentGemma's half: ``rope_frequencies(H // 2)``).
+    """
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
     cos = jnp.cos(angles_BTF)[:, :, None, :]
     sin = jnp.sin(angles_BTF)[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)
+    rot = 2 * inv_freq.shape[-1]
+    x, rest = x[..., :rot], x[..., rot:]
     x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x_BTNH.dtype)

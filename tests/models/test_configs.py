@@ -22,6 +22,10 @@ EXACT = {
     # state-spaces/mamba2-2.7b (vocabulary padded to 50288, tied): equal to transformers'
     # Mamba2ForCausalLM on the meta device (tests/models/test_hf_mamba2.py).
     "mamba2-2.7b": 2_702_599_680,
+    # RecurrentGemma-2B: "2.7B" in arXiv:2404.07839 Table 1; this total is what transformers'
+    # RecurrentGemmaForCausalLM has for google/recurrentgemma-2b's config (counted on the meta
+    # device in tests/models/test_hf_recurrentgemma.py), and the closed form below.
+    "recurrentgemma-2b": 2_682_862_080,
 }
 # Parameters one token uses (``models.count_active_params``): Mixtral's "12.9B active"
 # (arXiv:2401.04088 §2 says 13B), Qwen1.5-MoE-A2.7B's "2.7B activated" (model card).
@@ -41,15 +45,24 @@ def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
     D, F, V, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.num_layers
     attn = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     attn += cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads) if cfg.qkv_bias else 0
+    attn += D if cfg.out_bias else 0
     matrices = 3 if cfg.mlp in ("swiglu", "geglu") else 2
-    mlp = matrices * D * F
+    mlp = matrices * D * F + ((matrices - 1) * F + D if cfg.mlp_bias else 0)
     experts = cfg.experts_per_token if active else cfg.num_experts
     moe = D * cfg.num_experts + experts * matrices * D * cfg.expert_ffn_dim
     moe += matrices * D * cfg.shared_ffn_dim + (D if cfg.shared_expert_gate else 0)
     channels = sum(moe if cfg.channel(i) == "moe" else mlp for i in range(L))
     norms = (1 if cfg.parallel_block else 2) * D
     head = 0 if cfg.tie_embeddings else D * V
-    return V * D + L * (attn + norms) + channels + D + head
+    mixers = sum(_rglru(cfg) if cfg.mixer(i) == "rglru" else attn for i in range(L))
+    return V * D + mixers + L * norms + channels + D + head
+
+
+def _rglru(cfg: models.ModelConfig) -> int:
+    """Griffin's recurrent block: x/y/out linears with biases, depthwise conv with bias,
+    block-diagonal input and recurrence gates with biases, and Λ."""
+    D, R, W = cfg.d_model, cfg.rnn_width, cfg.lru_conv_width
+    return 3 * D * R + 2 * R + D + W * R + R + 2 * (R * R // cfg.rnn_heads + R) + R
 
 
 def _closed_form_mamba2(cfg: models.ModelConfig) -> int:
