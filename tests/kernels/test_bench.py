@@ -147,3 +147,33 @@ def test_grouped_matmul_records_on_cpu():
             backend = "gpu" if r["impl"] == "kestrel_pallas_gpu" else "tpu"
             assert f"{backend} backend" in r["skipped"].lower(), r
     assert sum(bench.SMALL_GMM_CASES[0].group_sizes()) == bench.SMALL_GMM_CASES[0].M
+
+
+def test_scan_records_on_cpu():
+    """`kernels.bench scan --small --backward`: the lax.scan oracle and the chunked XLA path are
+    measured (tokens/s = B*T/seconds) with small errors against the float32 oracle; the Pallas
+    paths are skipped lines naming the backend they need."""
+    result = _run("scan", "--small", "--backward", "--repeats", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["impl"], r["pass"]) for r in records] == [
+        (impl, pass_) for pass_ in ("fwd", "bwd") for impl in bench.SCAN_IMPLS
+    ]
+    case = bench.SMALL_SCAN_CASES[0]
+    for r in records:
+        assert r["op"] == "scan" and r["device"] == "cpu" and r["dtype"] == "bfloat16", r
+        assert {k: r[k] for k in ("B", "T", "H", "G", "K", "V", "chunk")} == {
+            k: getattr(case, k) for k in ("B", "T", "H", "G", "K", "V", "chunk")
+        }
+        assert ("skipped" in r) != ("seconds" in r), r
+        if r["impl"] in ("kestrel_reference", "kestrel_xla"):
+            assert r["tokens_per_s"] == pytest.approx(r["B"] * r["T"] / r["seconds"])
+            assert r["vs_reference"] > 0
+            if r["pass"] == "fwd":  # bfloat16 outputs against the float32 oracle
+                assert r["rel_err_vs_reference"] < 2e-2 and r["max_abs_err"] < 0.1, r
+                assert r["state_rel_err_vs_reference"] < 1e-4, r
+            else:
+                assert "rel_err_vs_reference" not in r
+        else:
+            backend = "GPU" if r["impl"] == "kestrel_pallas_gpu" else "TPU"
+            assert f"needs a {backend} backend" in r["skipped"], r
