@@ -170,13 +170,9 @@ class RGLRUBlock(nnx.Module):
         B, T, R = x_BTR.shape
         x_BTNI = x_BTR.reshape(B, T, self.heads, R // self.heads)
 
-        def block_diagonal(w, b):
-            y_BTNJ = jnp.einsum(
-                "BTNI,NIJ->BTNJ",
-                x_BTNI,
-                shard_weight(w).astype(x_BTR.dtype),
-                preferred_element_type=jnp.float32,
-            )
+        def block_diagonal(w, b):  # float32: small matrices, and gates feed the carry
+            w_NIJ = shard_weight(w).astype(jnp.float32)
+            y_BTNJ = jnp.einsum("BTNI,NIJ->BTNJ", x_BTNI.astype(jnp.float32), w_NIJ)
             return jax.nn.sigmoid(y_BTNJ + b[...].astype(jnp.float32)).reshape(B, T, R)
 
         i_BTR = block_diagonal(self.input_gate_w, self.input_gate_b)

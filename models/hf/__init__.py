@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint import/export: Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE; no torch.
+"""Hugging Face checkpoint import/export (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE, Mamba-2,
+RecurrentGemma); no torch.
 
     model = models.hf.load_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)
     models.hf.save_pretrained(model, "out_dir")  # AutoModelForCausalLM.from_pretrained loads it

@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE checkpoints <-> ``models.LM``.
+"""Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE / RecurrentGemma <-> ``models.LM``.
 
     model = load_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)   # config.json + safetensors
     save_pretrained(model, "out_dir")   # transformers.AutoModelForCausalLM loads it back
@@ -258,7 +258,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> LM:
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards listed by
         ``model.safetensors.index.json``) of a ``LlamaForCausalLM``, ``MistralForCausalLM``,
-        ``Qwen2ForCausalLM``, ``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM``.
+        ``Qwen2ForCausalLM``, ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` or
+        ``RecurrentGemmaForCausalLM`` (and ``Mamba2ForCausalLM``, ``models.hf.mamba2``).
       dtype: parameter and compute dtype (float32, bfloat16 or float16).
 
     Returns:
