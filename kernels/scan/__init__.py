@@ -1,4 +1,4 @@
-"""Chunked linear-recurrence scan: Mamba-2 SSD, RetNet, gated linear attention (scalar gate).
+"""Chunked linear-recurrence scan: Mamba-2 SSD, RetNet, gated linear attention.
 
 Per batch ``b`` and head ``h``, with a ``[K, V]`` float32 state ``S`` (``S_{-1}`` the initial
 state, zeros by default) and ``G`` query/key groups shared by ``H // G`` heads each (group
@@ -6,11 +6,17 @@ state, zeros by default) and ``G`` query/key groups shared by ``H // G`` heads e
 
     S_t = exp(a_t) S_{t-1} + k_t^T v_t        o_t = q_t S_t      (inclusive of token t)
 
-with ``a_t = log_decay[b, t, h] <= 0``. Mappings: Mamba-2 SSD (Dao & Gu, arXiv:2405.21060)
-``q = C, k = B, v = x * dt, a = dt * A`` (the ``D`` skip is the caller's); RetNet (Sun et al.,
-arXiv:2307.08621) a constant ``a = log(gamma)``; gated linear attention with a scalar gate per
-head (Yang et al., arXiv:2312.06635) ``a = log_sigmoid(gate)``. Padding: a token with ``a = 0``
-and ``k = 0`` leaves the state unchanged, so callers pad with those (there is no mask).
+with ``a_t = log_decay[b, t, h] <= 0``; or, with ``log_decay`` of shape ``[B, T, H, K]`` (one
+decay per key dimension, gated linear attention: Yang et al., arXiv:2312.06635)::
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t        a_t = log_decay[b, t, h, :]
+
+(the chunked vector form and its numerics: ``reference`` module docstring). Mappings: Mamba-2
+SSD (Dao & Gu, arXiv:2405.21060) ``q = C, k = B, v = x * dt, a = dt * A`` (the ``D`` skip is
+the caller's); RetNet (Sun et al., arXiv:2307.08621) a constant ``a = log(gamma)``; gated
+linear attention ``a = log_sigmoid(gate) / tau``, per head or per key dimension. Padding: a
+token with ``a = 0`` and ``k = 0`` leaves the state unchanged, so callers pad with those (there
+is no mask).
 
 Implementations (``impl``):
   ``reference``  ``lax.scan`` over tokens (``reference.naive_scan``): the oracle.
@@ -54,10 +60,10 @@ def _check(q, k, v, log_decay, chunk_size, initial_state):
         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}, "
         f"log_decay{tuple(log_decay.shape)}"
     )
-    if (q.ndim, k.ndim, v.ndim, log_decay.ndim) != (4, 4, 4, 3):
+    if (q.ndim, k.ndim, v.ndim) != (4, 4, 4) or log_decay.ndim not in (3, 4):
         raise ValueError(
-            "chunked_scan expects q and k [B, T, G, K], v [B, T, H, V], log_decay [B, T, H]; "
-            f"got {shapes}"
+            "chunked_scan expects q and k [B, T, G, K], v [B, T, H, V], log_decay [B, T, H] "
+            f"or [B, T, H, K]; got {shapes}"
         )
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, T, G, K]; got {shapes}")
@@ -66,8 +72,11 @@ def _check(q, k, v, log_decay, chunk_size, initial_state):
         raise ValueError(f"v must have q's batch and length (B, T) = {(B, T)}; got {shapes}")
     if G == 0 or H % G:
         raise ValueError(f"the {G} q/k groups must divide the {H} heads of v; got {shapes}")
-    if log_decay.shape != (B, T, H):
-        raise ValueError(f"log_decay must have shape (B, T, H) = {(B, T, H)}; got {shapes}")
+    if log_decay.shape not in ((B, T, H), (B, T, H, q.shape[3])):
+        raise ValueError(
+            f"log_decay must have shape (B, T, H) = {(B, T, H)} or (B, T, H, K) = "
+            f"{(B, T, H, q.shape[3])}; got {shapes}"
+        )
     for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {x.dtype}")
@@ -106,11 +115,15 @@ def chunked_scan(
 ):
     """Linear recurrence ``S_t = exp(a_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
 
+    With a ``[B, T, H, K]`` ``log_decay`` the decay is per key dimension:
+    ``S_t = diag(exp(a_t)) S_{t-1} + k_t^T v_t``.
+
     Args:
       q_BTGK, k_BTGK: ``[B, T, G, K]`` queries and keys, group ``g`` serving heads
         ``g * H // G .. (g + 1) * H // G - 1``.
       v_BTHV: ``[B, T, H, V]`` values.
-      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0`` (computed in float32).
+      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0`` (computed in float32), or
+        ``[B, T, H, K]``: one per key dimension (not supported by ``pallas_gpu`` yet).
       chunk_size: tokens per chunk (``T`` need not be a multiple; ignored by ``reference``).
       initial_state_BHKV: ``[B, H, K, V]`` state before token 0, or ``None`` for zeros.
       impl: ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``

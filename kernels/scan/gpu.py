@@ -211,6 +211,11 @@ def chunked_scan(
     Returns:
       ``(o_BTHV, final_state_BHKV)``: ``o`` in ``v``'s dtype, the state in float32.
     """
+    if log_decay_BTH.ndim == 4:
+        raise ValueError(
+            "vector decay (log_decay [B, T, H, K]) not supported by the GPU kernel yet; "
+            "use impl='xla'"
+        )
     cfg = _Config(chunk_size=chunk_size, num_stages=num_stages, interpret=bool(interpret))
     B, T, G, K = q_BTGK.shape
     H, V = v_BTHV.shape[2:]

@@ -3,7 +3,10 @@
 Forward outputs and final states, and gradients in every input (``jax.vjp`` with random
 cotangents for both outputs), over chunk sizes that do and do not divide ``T``, grouped
 queries/keys (``G < H``), an initial state and decays strong enough that ``exp(-sum a)``
-would overflow float32 if the chunked form exponentiated a positive number.
+would overflow float32 if the chunked form exponentiated a positive number; the same for a
+decay per key dimension (``log_decay [B, T, H, K]``, gated linear attention), with chunks that
+are and are not multiples of the sub-chunk and every third key dimension decaying by up to
+``a = -20`` per token.
 """
 
 import functools
@@ -21,14 +24,21 @@ def _jit(fn):
     return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def make_inputs(B, T, G, H, K, V, *, decay_scale=1.0, initial_state=True, dtype="float32"):
-    """Fixed-seed inputs (numpy, so no eager JAX op compiles); decays ``-scale * softplus(N)``."""
+def make_inputs(
+    B, T, G, H, K, V, *, decay_scale=1.0, initial_state=True, dtype="float32", vector=False
+):
+    """Fixed-seed inputs (numpy, so no eager JAX op compiles); decays ``-scale * softplus(N)``,
+    ``[B, T, H]``, or with ``vector`` ``[B, T, H, K]`` with every third key dimension's decay
+    uniform in ``[-20, -10]`` instead."""
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(dtype)
     q = jnp.asarray(rng.standard_normal((B, T, G, K)), dtype)
     k = jnp.asarray(rng.standard_normal((B, T, G, K)) / np.sqrt(K), dtype)
     v = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-    a = jnp.asarray(-decay_scale * np.logaddexp(0.0, rng.standard_normal((B, T, H))), jnp.float32)
+    a = -decay_scale * np.logaddexp(0.0, rng.standard_normal((B, T, H) + (K,) * vector))
+    if vector:
+        a[..., ::3] = rng.uniform(-20.0, -10.0, a[..., ::3].shape)
+    a = jnp.asarray(a, jnp.float32)
     s0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32) if initial_state else None
     return q, k, v, a, s0
 
@@ -61,21 +71,32 @@ CASES = {
     ),
     "chunk_longer_than_T_weak_decay": ((1, 20, 1, 1, 8, 16), 64, dict(decay_scale=1e-3)),
 }
+# Decay per key dimension: chunk 40 = sub-chunks 16 + 16 + 8 (padded), chunk 32 = 2 x 16, 8 < 16.
+VECTOR_CASES = {
+    "vector_tail_chunk_gqa": ((2, 45, 2, 4, 16, 8), 40, dict(vector=True)),
+    "vector_strong_decay_no_init": (
+        (1, 40, 1, 2, 16, 16),
+        32,
+        dict(vector=True, decay_scale=20.0, initial_state=False),
+    ),
+    "vector_small_chunk_weak_decay": ((1, 20, 1, 2, 8, 16), 8, dict(vector=True, decay_scale=1e-2)),
+}
 # Kernel-only cases (not run on the xla path): the GPU kernel's 64-token chunks.
 KERNEL_CASES = {"gqa_chunk64": ((1, 100, 2, 4, 32, 32), 64, {})}
+ALL_CASES = CASES | VECTOR_CASES | KERNEL_CASES
 
 
 @functools.cache
 def expected(name):
     """The oracle's outputs and gradients for ``CASES[name]`` (shared with the kernel tests)."""
-    (B, T, G, H, K, V), _, kwargs = (CASES | KERNEL_CASES)[name]
+    (B, T, G, H, K, V), _, kwargs = ALL_CASES[name]
     inputs = make_inputs(B, T, G, H, K, V, **kwargs)
     return _jit(functools.partial(run_with_grads, scan.reference.naive_scan))(*inputs)
 
 
 def check_case(name, impl, **kw):
     """``impl`` (with options ``kw``) matches the oracle on ``CASES[name]``."""
-    (B, T, G, H, K, V), chunk_size, kwargs = (CASES | KERNEL_CASES)[name]
+    (B, T, G, H, K, V), chunk_size, kwargs = ALL_CASES[name]
     dtype = kwargs.get("dtype", "float32")
 
     def f(q, k, v, a, s0):
@@ -95,9 +116,34 @@ def check_case(name, impl, **kw):
             assert_close(g, w, dtype)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES | VECTOR_CASES))
 def test_chunked_matches_naive_forward_and_gradients(name):
     check_case(name, "xla")
+
+
+def test_naive_vector_decay_matches_a_python_loop():
+    B, T, G, H, K, V = 1, 6, 1, 2, 3, 4
+    inputs = make_inputs(B, T, G, H, K, V, vector=True)
+    q, k, v, a, s0 = (np.asarray(x, np.float64) for x in inputs)
+    o, S = scan.chunked_scan(*inputs[:4], initial_state_BHKV=inputs[4], impl="reference")
+    o, S = np.asarray(o), np.asarray(S)
+    S_want = s0.copy()
+    for t in range(T):
+        for h in range(H):
+            S_want[0, h] = np.exp(a[0, t, h])[:, None] * S_want[0, h] + np.outer(
+                k[0, t, 0], v[0, t, h]
+            )
+            np.testing.assert_allclose(o[0, t, h], q[0, t, 0] @ S_want[0, h], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(S, S_want, rtol=1e-5, atol=1e-7)
+
+
+def test_vector_decay_equal_across_keys_is_the_scalar_scan():
+    q, k, v, a, s0 = make_inputs(1, 37, 1, 2, 8, 8)
+    f = functools.partial(scan.chunked_scan, chunk_size=24, initial_state_BHKV=s0, impl="xla")
+    o, S = f(q, k, v, jnp.broadcast_to(a[..., None], a.shape + (8,)))
+    o_want, S_want = f(q, k, v, a)
+    assert_close(o, o_want)
+    assert_close(S, S_want)
 
 
 def test_naive_matches_a_python_loop():
@@ -162,6 +208,15 @@ def test_auto_is_xla_off_tpu(monkeypatch):
             "the 3 q/k groups must divide the 2 heads",
         ),
         (dict(a=jnp.zeros((1, 8, 3))), r"log_decay must have shape \(B, T, H\) = \(1, 8, 2\)"),
+        (
+            dict(a=jnp.zeros((1, 8, 2, 5))),
+            r"\(B, T, H, K\) = \(1, 8, 2, 4\); got .*log_decay\(1, 8, 2, 5\)",
+        ),
+        (dict(a=jnp.zeros((1, 8, 2, 4, 1))), r"log_decay \[B, T, H\] or \[B, T, H, K\]"),
+        (
+            dict(a=jnp.zeros((1, 8, 2, 4)), impl="pallas_gpu", interpret=True),
+            "vector decay .* not supported by the GPU kernel yet; use impl='xla'",
+        ),
         (dict(chunk_size=0), "chunk_size must be a positive int, got 0"),
         (dict(s0=jnp.zeros((1, 2, 4, 5))), r"\(B, H, K, V\) = \(1, 2, 4, 4\); got \(1, 2, 4, 5\)"),
         (dict(impl="cuda"), r"unknown chunked_scan impl 'cuda'; valid: \['auto', 'reference'"),
@@ -178,6 +233,7 @@ def test_errors_name_the_values(change, match):
             s0=None,
             chunk_size=4,
             impl="xla",
+            interpret=False,
         )
         | change
     )
@@ -190,4 +246,5 @@ def test_errors_name_the_values(change, match):
             chunk_size=args["chunk_size"],
             initial_state_BHKV=args["s0"],
             impl=args["impl"],
+            interpret=args["interpret"],
         )
