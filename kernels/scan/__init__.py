@@ -25,12 +25,13 @@ Implementations (``impl``):
   ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``), on a TPU or with ``interpret``:
                  grid ``(B, H, chunks)``, the state in VMEM across the sequential chunk axis;
                  backward through a reverse-sweep Pallas kernel. ``chunk_size`` a multiple of
-                 8 on a TPU. Not yet run on a TPU.
+                 8 on a TPU. A decay per key dimension: forward kernel in ``tpu_vector.py``,
+                 backward through the ``xla`` form's VJP. Not yet run on a TPU.
   ``pallas_gpu`` the Pallas Mosaic GPU forward kernel (``gpu.py``, Hopper wgmma), on a GPU or
                  with ``interpret``: one warpgroup per (batch, head) pipelines the chunks with
                  the state in registers; float16/bfloat16, ``chunk_size = 64``, ``K`` and ``V``
-                 multiples of 64 on the GPU; backward through the ``xla`` form's VJP. Not yet
-                 run on a GPU.
+                 multiples of 64 on the GPU; backward through the ``xla`` form's VJP; no
+                 decay per key dimension yet (an error). Not yet run on a GPU.
   ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla`` (also on GPUs, until the GPU
                  kernel is measured faster there).
 

@@ -269,7 +269,8 @@ def chunked_scan(
     Args:
       q_BTGK, k_BTGK: ``[B, T, G, K]``; v_BTHV: ``[B, T, H, V]``; ``G`` divides ``H``. The
         three are promoted to one dtype for the matmuls.
-      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0``, used in float32.
+      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0``, used in float32; a ``[B, T, H, K]``
+        decay per key dimension goes to ``tpu_vector.chunked_scan`` (Pallas forward only).
       initial_state_BHKV: ``[B, H, K, V]`` or ``None`` (zeros).
       chunk_size: tokens per chunk; ``T`` is zero-padded up to a multiple (``a = 0``, ``k = 0``).
       interpret: run in TPU interpret mode (CPU).
@@ -277,11 +278,13 @@ def chunked_scan(
     Returns:
       ``(o_BTHV, final_state_BHKV)``: ``o`` in ``v``'s dtype, the state in float32.
     """
-    if log_decay_BTH.ndim == 4:
-        raise ValueError(
-            "vector decay (log_decay [B, T, H, K]) not supported by the TPU kernel yet; "
-            "use impl='xla'"
-        )
+    if log_decay_BTH.ndim == 4:  # decay per key dimension: forward kernel in tpu_vector.py
+        from kernels.scan import tpu_vector
+
+        return tpu_vector.chunked_scan(
+            q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, initial_state_BHKV,
+            chunk_size=chunk_size, interpret=interpret,
+        )  # fmt: skip
     cfg = _Config(chunk_size=chunk_size, interpret=interpret)
     B, T, G, K = q_BTGK.shape
     H, V = v_BTHV.shape[2:]
