@@ -28,6 +28,7 @@ from models.quantize import (
     quantize,
     save_quantized,
 )
+from models.ssm import Mamba2, SSMState
 from models.state import DecodeState, KVCache, Segment
 from models.upcycle import upcycle
 
@@ -38,10 +39,12 @@ __all__ = [
     "KVCache",
     "LMOutput",
     "ModelConfig",
+    "Mamba2",
     "MoE",
     "QuantRecipe",
     "QuantizedEinsum",
     "RopeScaling",
+    "SSMState",
     "Segment",
     "abstract",
     "build",

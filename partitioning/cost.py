@@ -33,6 +33,18 @@ two all-to-alls (plus one of int32 expert ids, ``expert_parallel_comms``, checke
 HLO of ``models.expert_parallel`` in ``tests/partitioning/test_moe_cost.py``) and one more
 all-to-all back to the residual's ``d_model`` split.
 
+Mamba-2 layers (``cfg.mixer(layer) == "mamba2"``, ``models.ssm``; Dao & Gu, arXiv:2405.21060):
+their projections name only ``embed`` as a logical axis, so tensor parallelism replicates
+them over ``model`` (every chip of a model group computes the whole layer for the group's
+sequences; the in-projection's partial sums over ``x`` are all-reduced). FLOPs: the
+projections and the depthwise conv (``2 x tokens x weight elements``) plus the scan,
+``ssm_scan_flops``. HBM bytes: the weights, and the decode state (``ssm_state_bytes`` per
+sequence: ``W - 1`` conv inputs in the activation dtype and the float32 ``[H, N, P]`` state),
+read and written at decode, written at prefill. The state does not grow with the context:
+it counts in ``kv_bytes_per_chip`` and ``state_bytes_per_chip`` but not in
+``kv_bytes_per_token_per_chip``, and ``max_context`` of a model without attention layers is
+``None`` (unbounded) when the state fits.
+
 Collective time (scaling book part 3): with ``p`` chips in the group and per-chip bandwidth
 ``W`` (``Layout.link_bandwidth``), all-gather of a ``b``-byte result and reduce-scatter of a
 ``b``-byte operand take ``b (p - 1) / p / W``, all-reduce twice that, all-to-all
@@ -64,13 +76,17 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
     """
     E, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     gated = cfg.mlp in ("swiglu", "geglu")
+    ssm = cfg.mixer(layer) == "mamba2"
     out = [
         ("q", (E, N, H), ("embed", "heads", "head_dim")),
         ("k", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("v", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("o", (N, H, E), ("heads", "head_dim", "embed")),
-        ("mixer_norm", (E,), ("norm",)),
     ]
+    out = _ssm_weights(cfg) if ssm else out
+    out.append(("mixer_norm", (E,), ("norm",)))
+    if cfg.channel(layer) == "none":
+        return out
     if cfg.channel(layer) == "moe":
         X, Fe = cfg.num_experts, cfg.expert_ffn_dim
         out.append(("router", (E, X), ("embed", None)))
@@ -88,15 +104,57 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
         out += _mlp_weights(cfg, F)
     if not cfg.parallel_block:
         out.append(("channel_norm", (E,), ("norm",)))
-    if cfg.qkv_bias:
+    if cfg.qkv_bias and not ssm:
         out += [
             ("q_bias", (N, H), ("heads", "head_dim")),
             ("k_bias", (K, H), ("kv_heads", "head_dim")),
             ("v_bias", (K, H), ("kv_heads", "head_dim")),
         ]
-    if cfg.out_bias:
+    if cfg.out_bias and not ssm:
         out.append(("o_bias", (E,), ("embed",)))
     return out
+
+
+def _ssm_weights(cfg) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+    """A Mamba-2 mixer's weights (``models.ssm.Mamba2``); the conv ``[W, C]`` counts as a
+    matrix, its ``2 x W x C`` FLOPs per token being the depthwise conv's."""
+    E, inner, Hs = cfg.d_model, cfg.ssm_intermediate, cfg.ssm_heads
+    C = inner + 2 * cfg.ssm_groups * cfg.ssm_state_size
+    out = [
+        ("in_proj", (E, inner + C + Hs), ("embed", None)),
+        ("conv", (cfg.ssm_conv_kernel, C), (None, None)),
+        ("dt_bias", (Hs,), (None,)),
+        ("A_log", (Hs,), (None,)),
+        ("D", (Hs,), (None,)),
+        ("gate_norm", (inner,), ("norm",)),
+        ("out_proj", (inner, E), (None, "embed")),
+    ]
+    if cfg.ssm_conv_bias:
+        out.append(("conv_bias", (C,), (None,)))
+    if cfg.ssm_bias:
+        out += [("in_proj_bias", (inner + C + Hs,), (None,)), ("out_proj_bias", (E,), ("embed",))]
+    return out
+
+
+def ssm_state_bytes(cfg, act_bytes: float = 2.0) -> float:
+    """Decode state of one Mamba-2 layer for one sequence: the last ``W - 1`` conv inputs
+    (``C = I + 2GN`` channels, ``act_bytes`` each) and the float32 ``[H, N, P]`` SSM state."""
+    C = cfg.ssm_intermediate + 2 * cfg.ssm_groups * cfg.ssm_state_size
+    ssm = cfg.ssm_heads * cfg.ssm_state_size * cfg.ssm_head_dim * 4
+    return (cfg.ssm_conv_kernel - 1) * C * act_bytes + ssm
+
+
+def ssm_scan_flops(cfg, sequences: int, tokens: int, phase: str) -> float:
+    """FLOPs of one Mamba-2 layer's scan for ``sequences`` x ``tokens`` new tokens, per head.
+
+    Decode (the recurrent step): ``S = exp(a) S + k^T v`` and ``o = q S``, ``5 N P``.
+    Prefill (the chunked SSD form of arXiv:2405.21060 §6 with chunk ``Q``): causal
+    intra-chunk scores and their values ``Q (N + P)`` (half of ``2 Q (N + P)``), the chunk's
+    state contribution and the state's output ``4 N P``.
+    """
+    N, P, Q = cfg.ssm_state_size, cfg.ssm_head_dim, cfg.ssm_chunk_size
+    per_token = 5 * N * P if phase == "decode" else min(Q, tokens) * (N + P) + 4 * N * P
+    return sequences * tokens * cfg.ssm_heads * per_token
 
 
 def _mlp_weights(cfg, F: int) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
@@ -170,6 +228,7 @@ class Estimate:
     total_params: float = 0.0
     active_params: float = 0.0
     weight_bytes_read: float = 0.0
+    state_bytes_per_chip: float = 0.0  # recurrent decode state, constant in the context
 
     @property
     def tokens(self) -> int:
@@ -388,27 +447,33 @@ def estimate(
     rows = M * expert_slots(tok / M, k_e, M, cf)  # expert-parallel rows a chip computes
 
     def block(layer: int) -> _Block:
-        kind = cfg.channel(layer)
+        kind, ssm = cfg.channel(layer), cfg.mixer(layer) == "mamba2"
         weights = layer_weights(cfg, layer)
+        ssm_in = next((shape[1] for n, shape, _ in weights if n == "in_proj"), 0)
         mats = [(n, s, ax) for n, s, ax in weights if len(s) > 1]
         dense = [w for w in mats if not w[0].startswith("expert_")]
         routed = [w for w in mats if w[0].startswith("expert_")]
         used = sum(_shard_elems(s, ax, use, layout) for _, s, ax in dense)
         used_experts = sum(_shard_elems(s, ax, use, layout) for _, s, ax in routed)
         c = _Comms(layout)
-        blocks = 1 if cfg.parallel_block else 2
+        blocks = 1 if cfg.parallel_block or kind == "none" else 2
         for _ in range(blocks):  # each sub-block: norm of the sharded residual, then gather
             c.add("all-reduce", ("x", "model"), tok * _NORM_STAT_BYTES)
             c.add("all-gather", ("model",), tok * E / X / M * ab)
-        c.add("all-reduce", ("x",), tok * (nq + 2 * kp) * H * ab)  # q, k, v partial sums
-        if not head:  # queries to batch shards (a local slice over x first) and back
+        if ssm:  # in_proj partial sums; the layer is replicated over model
+            c.add("all-reduce", ("x",), tok * ssm_in * ab)
+        else:
+            c.add("all-reduce", ("x",), tok * (nq + 2 * kp) * H * ab)  # q, k, v partial sums
+        if not head and not ssm:  # queries to batch shards (a local slice over x) and back
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-gather", ("x",), tok * nq * H * ab / X)
         sums = blocks  # reduce-scatters of attention out and FFN down (one in a parallel block)
-        hidden = (n_in + 1) * F / M * tok
-        if kind != "moe":
+        hidden = (n_in + 1) * F / M * tok if kind == "mlp" else 0
+        if kind == "mlp":
             c.add("all-reduce", ("x",), n_in * tok * F / M * ab)
+        elif kind == "none":
+            pass
         else:
             c.add("all-reduce", ("x",), tok * n_e * 4)  # float32 router logits
             c.add("all-reduce", ("x",), n_in * tok * Fs / M * ab)  # shared expert hidden
@@ -424,6 +489,9 @@ def estimate(
                 hidden = rows * (2 * E / X + (n_in + 1) * Fe) + (n_in + 1) * tok * Fs / M
             else:
                 c.add("all-reduce", ("x",), n_in * tok * k_e * Fe / M * ab)
+        if ssm:  # the mixer's output is whole on every chip: no reduce-scatter
+            sums -= 0 if cfg.parallel_block and kind != "none" else 1
+            hidden = max(hidden, tok * ssm_in)
         for _ in range(sums):
             c.add("reduce-scatter", ("model",), tok * E / X * ab)
         if size("gather") > 1:
@@ -441,14 +509,26 @@ def estimate(
 
     blocks = {}
     layers = []
-    kv_layer_bytes = 0.0
+    kv_layer_bytes = state_bytes = 0.0
     attn_flops_model = 0.0
+    attention_layers = 0
     touched = expert_fraction_read(layout, tok, k_e, cfg.num_experts)
+    key = lambda i: (cfg.mixer(i), cfg.channel(i))
     for i in range(cfg.num_layers):
-        key = cfg.channel(i)
-        if key not in blocks:
-            blocks[key] = block(i)
-        blk = blocks[key]
+        if key(i) not in blocks:
+            blocks[key(i)] = block(i)
+        blk = blocks[key(i)]
+        if cfg.mixer(i) == "mamba2":
+            per_seq = ssm_state_bytes(cfg, ab)
+            state_bytes += b * per_seq
+            attn_flops_model += ssm_scan_flops(cfg, batch, t, phase)
+            flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts)
+            flops += ssm_scan_flops(cfg, b, t, phase)
+            weight_bytes = (blk.used + touched * blk.used_experts) * wb
+            io = 2 if phase == "decode" else 1  # decode reads and writes it; prefill writes
+            layers.append(LayerCost(flops, weight_bytes + io * b * per_seq, blk.comms))
+            continue
+        attention_layers += 1
         window = cfg.window(i)
         keys = context if window is None else min(context, window)
         if phase == "prefill":  # causal: each query sees min(position, window) keys
@@ -463,7 +543,8 @@ def estimate(
         flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts) + attn
         weight_bytes = (blk.used + touched * blk.used_experts) * wb
         layers.append(LayerCost(flops, weight_bytes + kv_bytes, blk.comms))
-    stored = sum(blocks[cfg.channel(i)].stored for i in range(cfg.num_layers))
+    kv_layer_bytes += state_bytes
+    stored = sum(blocks[key(i)].stored for i in range(cfg.num_layers))
 
     # Embedding lookup (a masked gather over the vocab split, summed over ``model``) and the
     # output head for the last token of each sequence (partial sums over ``x``).
@@ -489,17 +570,20 @@ def estimate(
     comm_s += sum(x.seconds for x in head_cost.comms)
 
     tokens_total = batch * t
-    per_layer = [blocks[cfg.channel(i)] for i in range(cfg.num_layers)]
+    per_layer = [blocks[key(i)] for i in range(cfg.num_layers)]
     active_matmul = sum(x.dense_matmul + k_e / n_e * x.expert_matmul for x in per_layer)
     model_flops = (
         2 * tokens_total * active_matmul + attn_flops_model + 2 * batch * E * cfg.vocab_size
     )
-    kv_total = batch * context * K * H * 2 * kvb * cfg.num_layers
+    kv_total = batch * context * K * H * 2 * kvb * attention_layers
+    ssm_layers = cfg.num_layers - attention_layers
+    state_total = batch * ssm_state_bytes(cfg, ab) * ssm_layers
     # Weights each replica reads once: dense ones, the experts its tokens touch, the head.
     touched_replica = expert_fraction_touched(batch // size("replica") * t, k_e, cfg.num_experts)
     read = sum(x.dense_matmul + touched_replica * x.expert_matmul for x in per_layer)
     weight_read = size("replica") * (read + E * cfg.vocab_size) * wb
     unique = weight_read + (kv_total if phase == "decode" else kv_total * t / context)
+    unique += state_total
     outer_params = sum(math.prod(s) for _, s, _ in outer)
     active = outer_params + sum(x.params - (1 - k_e / n_e) * x.expert_matmul for x in per_layer)
     # Live activations: the residual, the gathered input, the FFN hidden (MoE: the routed
@@ -527,7 +611,7 @@ def estimate(
         params_bytes_per_chip=stored * wb,
         kv_bytes_per_chip=kv_layer_bytes,
         activation_bytes_per_chip=act,
-        kv_bytes_per_token_per_chip=b_attn * k_l * H * 2 * kvb * cfg.num_layers,
+        kv_bytes_per_token_per_chip=b_attn * k_l * H * 2 * kvb * attention_layers,
         sequences_per_chip=b_attn,
         batch_shards=batch // b_attn,
         peak_flops=peak,
@@ -535,13 +619,23 @@ def estimate(
         total_params=outer_params + sum(x.params for x in per_layer),
         active_params=active,
         weight_bytes_read=weight_read,
+        state_bytes_per_chip=state_bytes,
     )
 
 
-def max_context(est: Estimate, kv_memory_fraction: float) -> int:
+def max_context(est: Estimate, kv_memory_fraction: float) -> int | None:
     """Longest context whose KV cache fits in ``kv_memory_fraction`` of a chip's HBM at this
-    batch and layout (Pope et al. Table 1's measure)."""
-    budget = kv_memory_fraction * est.layout.chip.hbm_bytes
+    batch and layout (Pope et al. Table 1's measure).
+
+    Recurrent (Mamba-2) layers' constant state comes off the budget first. ``None`` means
+    unbounded: no layer's state grows with the context (a pure SSM) and the state fits; 0 if
+    it does not fit.
+    """
+    budget = kv_memory_fraction * est.layout.chip.hbm_bytes - est.state_bytes_per_chip
+    if budget < 0:
+        return 0
+    if est.kv_bytes_per_token_per_chip == 0:
+        return None
     return int(budget // est.kv_bytes_per_token_per_chip)
 
 
@@ -550,4 +644,5 @@ def max_batch(est: Estimate, kv_memory_fraction: float) -> int:
     ``kv_memory_fraction`` of a chip's HBM."""
     budget = kv_memory_fraction * est.layout.chip.hbm_bytes
     per_sequence = est.kv_bytes_per_token_per_chip / est.sequences_per_chip * est.context
+    per_sequence += est.state_bytes_per_chip / est.sequences_per_chip  # both linear in batch
     return int(budget // per_sequence) * est.batch_shards

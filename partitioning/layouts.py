@@ -257,12 +257,15 @@ def check_divides(layout: Layout, cfg, batch: int) -> None:
     s = layout.size
     head = layout.attention == "head_sharded"
     channels = {cfg.channel(i) for i in range(cfg.num_layers)}
+    attention = {cfg.mixer(i) for i in range(cfg.num_layers)} != {"mamba2"}
+    batch_axes = ("replica", "gather", *(() if head or not attention else ("x", "model")))
     need = [
         ("d_model", cfg.d_model, s("x", "model"), "x*model"),
-        ("num_heads", cfg.num_heads, s("model"), "model"),
-        ("batch", batch, s("replica", "gather", *(() if head else ("x", "model"))), None),
+        ("batch", batch, s(*batch_axes), None),
     ]
-    if channels != {"moe"}:
+    if attention:  # a pure Mamba-2 stack has no heads to split (its layers are replicated)
+        need.insert(1, ("num_heads", cfg.num_heads, s("model"), "model"))
+    if "mlp" in channels:
         need.insert(1, ("ffn_dim", cfg.ffn_dim, s("model"), "model"))
     if "moe" in channels:
         if layout.experts is None:

@@ -53,7 +53,7 @@ class Plan:
 
     layout: Layout
     estimate: cost.Estimate
-    max_context: int
+    max_context: int | None  # None: unbounded (no state grows with the context)
     max_batch: int
 
     @property
@@ -258,7 +258,8 @@ def format_plans(plans: list[Plan], *, limit: int | None = None) -> str:
                 f"{e.step_time_s * 1e3:.3f}", f"{e.compute_s * 1e3:.3f}",
                 f"{e.memory_s * 1e3:.3f}", f"{e.comm_s * 1e3:.3f}", f"{e.mfu:.3f}",
                 f"{e.mbu:.3f}", f"{e.memory_per_chip_bytes / 1e9:.2f}",
-                "yes" if e.fits else "no", str(p.max_context), str(p.max_batch),
+                "yes" if e.fits else "no",
+                "unbounded" if p.max_context is None else str(p.max_context), str(p.max_batch),
             )
         )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
