@@ -7,6 +7,7 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
 from models.generate import GenerateResult, generate
+from models.linear_attention import GLA, Based, LinearAttentionState, RetNet
 from models.lm import (
     LM,
     LMOutput,
@@ -34,15 +35,19 @@ from models.upcycle import upcycle
 
 __all__ = [
     "LM",
+    "Based",
     "DecodeState",
     "GenerateResult",
+    "GLA",
     "KVCache",
     "LMOutput",
+    "LinearAttentionState",
     "ModelConfig",
     "Mamba2",
     "MoE",
     "QuantRecipe",
     "QuantizedEinsum",
+    "RetNet",
     "RopeScaling",
     "SSMState",
     "Segment",

@@ -23,6 +23,9 @@ KV_CACHE_DTYPES = (None, "int8")
 MOE_DISPATCH = ("dropless", "capacity")
 # ``naive``: models.ssm.naive_scan; the rest are kernels.scan.chunked_scan impls.
 SSM_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu", "naive")
+# ``naive``: models.linear_attention.naive_recurrence; the rest: kernels.scan impls.
+LINEAR_ATTN_IMPLS = SSM_IMPLS
+LINEAR_ATTN_MIXERS = ("based", "gla", "retnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,16 @@ class ModelConfig:
       ssm_time_step_limit: ``(lo, hi)`` clamp of ``dt`` after the softplus.
       ssm_conv_bias / ssm_bias: bias of the conv / of the in and out projections. The gated
         RMSNorm inside the mixer uses ``norm_eps``.
+      linear_attn_heads, linear_attn_key_dim, linear_attn_value_dim: heads and per-head key /
+        value sizes of the ``"based"``, ``"gla"`` and ``"retnet"`` mixers
+        (``models.linear_attention``); ``None``: ``num_heads``, ``d_model // heads`` and
+        ``d_model // heads`` (properties ``lin_heads``, ``lin_key_dim``, ``lin_value_dim``).
+        Based's keys are its feature map of size ``1 + d' + d'^2`` instead.
+      linear_attn_feature_dim: Based's ``d'``, the size of q/k before the Taylor feature map.
+      gla_gate_rank: rank of GLA's low-rank decay gate ``W_a1 W_a2`` (16 in arXiv:2312.06635).
+      linear_attn_chunk_size / linear_attn_impl / linear_attn_interpret: chunk length,
+        ``impl`` and ``interpret`` of ``kernels.scan.chunked_scan`` for these mixers;
+        ``"naive"`` runs the per-step recurrence (the oracle).
       rope_fraction: fraction of each head's dimensions that RoPE rotates (the first
         ``head_dim * rope_fraction``; the rest pass through): RecurrentGemma's
         ``partial_rotary_factor`` 0.5.
@@ -162,6 +175,14 @@ class ModelConfig:
     ssm_time_step_limit: tuple[float, float] = (0.0, float("inf"))
     ssm_conv_bias: bool = True
     ssm_bias: bool = False
+    linear_attn_heads: int | None = None
+    linear_attn_key_dim: int | None = None
+    linear_attn_value_dim: int | None = None
+    linear_attn_feature_dim: int = 16
+    gla_gate_rank: int = 16
+    linear_attn_chunk_size: int = 64
+    linear_attn_impl: str = "auto"
+    linear_attn_interpret: bool = False
     init_std: float = 0.02
     hf_architecture: str | None = None
     source: str = ""
@@ -208,6 +229,24 @@ class ModelConfig:
             if self.capacity_factor <= 0:
                 raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
         self._check_ssm()
+        self._check_linear_attention()
+
+    def _check_linear_attention(self) -> None:
+        _check_choice("linear_attn_impl", self.linear_attn_impl, LINEAR_ATTN_IMPLS)
+        if not set(LINEAR_ATTN_MIXERS) & set(self.mixer_pattern):
+            return
+        for field in ("lin_heads", "lin_key_dim", "lin_value_dim", "linear_attn_feature_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.gla_gate_rank < 1 or self.linear_attn_chunk_size < 1:
+            raise ValueError(
+                f"gla_gate_rank={self.gla_gate_rank} and linear_attn_chunk_size="
+                f"{self.linear_attn_chunk_size} must be positive"
+            )
+        if "retnet" in self.mixer_pattern and self.lin_key_dim % 2:
+            raise ValueError(
+                f"retnet rotates its keys: lin_key_dim={self.lin_key_dim} must be even"
+            )
 
     def _check_ssm(self) -> None:
         if self.ssm_heads is None:
@@ -271,6 +310,25 @@ class ModelConfig:
     def rnn_width(self) -> int:
         """Width of the ``"rglru"`` recurrent block (``lru_width`` or ``d_model``)."""
         return self.d_model if self.lru_width is None else self.lru_width
+
+    @property
+    def lin_heads(self) -> int:
+        """Heads of a linear-attention mixer (``linear_attn_heads`` or ``num_heads``)."""
+        return self.num_heads if self.linear_attn_heads is None else self.linear_attn_heads
+
+    @property
+    def lin_key_dim(self) -> int:
+        """Per-head key size of ``"gla"`` / ``"retnet"`` (``linear_attn_key_dim`` or
+        ``d_model // lin_heads``)."""
+        k = self.linear_attn_key_dim
+        return self.d_model // self.lin_heads if k is None else k
+
+    @property
+    def lin_value_dim(self) -> int:
+        """Per-head value size of a linear-attention mixer (``linear_attn_value_dim`` or
+        ``d_model // lin_heads``)."""
+        v = self.linear_attn_value_dim
+        return self.d_model // self.lin_heads if v is None else v
 
     @property
     def rnn_heads(self) -> int:
@@ -732,6 +790,62 @@ def mamba2_hybrid_tiny() -> ModelConfig:
         ssm_chunk_size=32,
         hf_architecture=None,
         source="Kestrel test shape",
+    )
+
+
+def _linear_attention(name, mixers, source, **extra) -> ModelConfig:
+    # A byte-level test shape: 4 heads over d_model 64, SwiGLU MLP channels, chunk 16.
+    return dense_tiny().replace(
+        name=name,
+        mixer_pattern=mixers,
+        ffn_dim=128,
+        linear_attn_heads=4,
+        linear_attn_chunk_size=16,
+        hf_architecture=None,
+        source=source,
+        **extra,
+    )
+
+
+@_preset
+def based_tiny() -> ModelConfig:
+    """Tiny Based (arXiv:2402.18668 §4): Taylor linear attention (d' = 8) alternating with
+    sliding-window (8) softmax attention, 4 layers."""
+    return _linear_attention(
+        "based-tiny",
+        ("based", "local_attention"),
+        "Kestrel test shape (Based, arXiv:2402.18668)",
+        num_layers=4,
+        sliding_window=8,
+        linear_attn_feature_dim=8,
+    )
+
+
+@_preset
+def gla_tiny() -> ModelConfig:
+    """Tiny GLA (arXiv:2312.06635 §4.4 shapes: d_k = d / 2, d_v = d, gate rank 16)."""
+    return _linear_attention(
+        "gla-tiny",
+        ("gla",),
+        "Kestrel test shape (GLA, arXiv:2312.06635)",
+        linear_attn_key_dim=8,
+        linear_attn_value_dim=16,
+        gla_gate_rank=16,
+    )
+
+
+@_preset
+def retnet_tiny() -> ModelConfig:
+    """Tiny RetNet (arXiv:2307.08621 §2 and §3.1: d_k = d, d_v = 2d, FFN 2d with GELU,
+    pre-LayerNorm)."""
+    return _linear_attention(
+        "retnet-tiny",
+        ("retnet",),
+        "Kestrel test shape (RetNet, arXiv:2307.08621)",
+        linear_attn_key_dim=16,
+        linear_attn_value_dim=32,
+        mlp="gelu",
+        norm="layer",
     )
 
 

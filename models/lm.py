@@ -24,6 +24,7 @@ from models.configs import ModelConfig
 from models.griffin import LocalAttention, RGLRUBlock
 from models.layers import Einsum, Embed, make_norm
 from models.layers.linear import shapes_only
+from models.linear_attention import GLA, Based, RetNet
 from models.mlp import MLP
 from models.moe import MoE, combine_aux
 from models.ssm import Mamba2
@@ -36,6 +37,7 @@ _INPUT = ("act_batch", "act_seq", "act_hidden")
 MIXERS: dict[str, type] = {"attention": Attention, "mamba2": Mamba2}
 CHANNELS: dict[str, type | None] = {"mlp": MLP, "moe": MoE, "none": None}
 MIXERS.update(rglru=RGLRUBlock, local_attention=LocalAttention)
+MIXERS.update(based=Based, gla=GLA, retnet=RetNet)
 
 
 def register_mixer(name: str, cls: type) -> None:

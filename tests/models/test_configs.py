@@ -54,7 +54,8 @@ def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
     channels = sum(moe if cfg.channel(i) == "moe" else mlp for i in range(L))
     norms = (1 if cfg.parallel_block else 2) * D
     head = 0 if cfg.tie_embeddings else D * V
-    mixers = sum(_rglru(cfg) if cfg.mixer(i) == "rglru" else attn for i in range(L))
+    mixer = dict(rglru=_rglru(cfg), based=_based(cfg), gla=_gla(cfg), retnet=_retnet(cfg))
+    mixers = sum(mixer.get(cfg.mixer(i), attn) for i in range(L))
     return V * D + mixers + L * norms + channels + D + head
 
 
@@ -63,6 +64,48 @@ def _rglru(cfg: models.ModelConfig) -> int:
     block-diagonal input and recurrence gates with biases, and Λ."""
     D, R, W = cfg.d_model, cfg.rnn_width, cfg.lru_conv_width
     return 3 * D * R + 2 * R + D + W * R + R + 2 * (R * R // cfg.rnn_heads + R) + R
+
+
+def _based(cfg: models.ModelConfig) -> int:
+    """Based linear attention: q/k ``[D, N, d']``, v ``[D, N, V]``, o ``[N, V, D]``."""
+    D, N, F, V = cfg.d_model, cfg.lin_heads, cfg.linear_attn_feature_dim, cfg.lin_value_dim
+    return D * N * (2 * F + 2 * V)
+
+
+def _gla(cfg: models.ModelConfig) -> int:
+    """GLA: q/k ``[D, N, K]``, v/r/o ``N V D`` each (r with bias ``[N, V]``), low-rank gate
+    ``[D, R]`` then ``[R, N, K]`` with bias ``[N, K]``, per-head norm scale ``[N, V]``."""
+    D, N, K, V, R = (
+        cfg.d_model,
+        cfg.lin_heads,
+        cfg.lin_key_dim,
+        cfg.lin_value_dim,
+        cfg.gla_gate_rank,
+    )
+    return 2 * D * N * K + 3 * D * N * V + N * V + D * R + R * N * K + N * K + N * V
+
+
+def _retnet(cfg: models.ModelConfig) -> int:
+    """RetNet: q/k ``[D, N, K]``, v/g/o ``N V D`` each, GroupNorm scale ``[N, V]``."""
+    D, N, K, V = cfg.d_model, cfg.lin_heads, cfg.lin_key_dim, cfg.lin_value_dim
+    return 2 * D * N * K + 3 * D * N * V + N * V
+
+
+# Linear-attention test presets (byte vocabulary 264, d_model 64, 4 heads, SwiGLU 128 unless
+# noted): embeddings and head 2 x 264 x 64, per layer two norms and the MLP, plus the mixers.
+# based-tiny: 2 Based (d' = 8, V = 16) + 2 local attention layers (GQA 4/2 x 16); gla-tiny:
+# K = 8, V = 16, rank 16; retnet-tiny: K = 16, V = 32, GELU MLP of 2 matrices.
+LINEAR_ATTENTION = {
+    "based-tiny": 33_856 + 4 * (128 + 24_576) + 2 * 12_288 + 2 * 12_288,  # 181,824
+    "gla-tiny": 33_856 + 2 * (128 + 24_576 + 18_080),  # 119,424
+    "retnet-tiny": 33_856 + 2 * (128 + 16_384 + 32_896),  # 132,672
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_ATTENTION))
+def test_linear_attention_parameter_counts(name):
+    cfg = models.get_config(name)
+    assert models.count_params(cfg) == closed_form(cfg) == LINEAR_ATTENTION[name]
 
 
 def _closed_form_mamba2(cfg: models.ModelConfig) -> int:
