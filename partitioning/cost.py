@@ -45,6 +45,14 @@ it counts in ``kv_bytes_per_chip`` and ``state_bytes_per_chip`` but not in
 ``kv_bytes_per_token_per_chip``, and ``max_context`` of a model without attention layers is
 ``None`` (unbounded) when the state fits.
 
+Linear-attention layers (``"based"``, ``"gla"``, ``"retnet"``, ``models.linear_attention``)
+count like Mamba-2 for the state and the scan: the float32 ``[N, K, V]`` state per sequence
+(``recurrent_state_bytes``; Based's ``K = 1 + d' + d'^2`` and ``V + 1``) and
+``recurrent_scan_flops`` (Mamba-2's formula with ``K``, ``V`` and ``linear_attn_chunk_size``).
+Their weights are the model's (head-sharded like attention); their collectives are modelled
+as attention's (an approximation: the q/k/v partial sums are attention's width). Their 2-D
+per-head biases and norm scales count as matrices (``2 x tokens x elements`` FLOPs, negligible).
+
 Collective time (scaling book part 3): with ``p`` chips in the group and per-chip bandwidth
 ``W`` (``Layout.link_bandwidth``), all-gather of a ``b``-byte result and reduce-scatter of a
 ``b``-byte operand take ``b (p - 1) / p / W``, all-reduce twice that, all-to-all
@@ -76,14 +84,14 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
     """
     E, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     gated = cfg.mlp in ("swiglu", "geglu")
-    ssm = cfg.mixer(layer) == "mamba2"
+    ssm, lin = cfg.mixer(layer) == "mamba2", cfg.mixer(layer) in LINEAR_ATTENTION_MIXERS
     out = [
         ("q", (E, N, H), ("embed", "heads", "head_dim")),
         ("k", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("v", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("o", (N, H, E), ("heads", "head_dim", "embed")),
     ]
-    out = _ssm_weights(cfg) if ssm else out
+    out = _ssm_weights(cfg) if ssm else _linear_attention_weights(cfg, layer) if lin else out
     out.append(("mixer_norm", (E,), ("norm",)))
     if cfg.channel(layer) == "none":
         return out
@@ -104,13 +112,13 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
         out += _mlp_weights(cfg, F)
     if not cfg.parallel_block:
         out.append(("channel_norm", (E,), ("norm",)))
-    if cfg.qkv_bias and not ssm:
+    if cfg.qkv_bias and not (ssm or lin):
         out += [
             ("q_bias", (N, H), ("heads", "head_dim")),
             ("k_bias", (K, H), ("kv_heads", "head_dim")),
             ("v_bias", (K, H), ("kv_heads", "head_dim")),
         ]
-    if cfg.out_bias and not ssm:
+    if cfg.out_bias and not (ssm or lin):
         out.append(("o_bias", (E,), ("embed",)))
     return out
 
@@ -155,6 +163,58 @@ def ssm_scan_flops(cfg, sequences: int, tokens: int, phase: str) -> float:
     N, P, Q = cfg.ssm_state_size, cfg.ssm_head_dim, cfg.ssm_chunk_size
     per_token = 5 * N * P if phase == "decode" else min(Q, tokens) * (N + P) + 4 * N * P
     return sequences * tokens * cfg.ssm_heads * per_token
+
+
+LINEAR_ATTENTION_MIXERS = ("based", "gla", "retnet")
+RECURRENT_MIXERS = ("mamba2", *LINEAR_ATTENTION_MIXERS)
+
+
+def _linear_attention_weights(cfg, layer: int) -> list[tuple[str, tuple[int, ...], tuple]]:
+    """The weights of a ``"based"`` / ``"gla"`` / ``"retnet"`` mixer, as the model names them."""
+    E, N, V, mixer = cfg.d_model, cfg.lin_heads, cfg.lin_value_dim, cfg.mixer(layer)
+    K = cfg.linear_attn_feature_dim if mixer == "based" else cfg.lin_key_dim
+    into, per_head = ("embed", "heads", "head_dim"), ("heads", "head_dim")
+    out = [("q", (E, N, K), into), ("k", (E, N, K), into), ("v", (E, N, V), into)]
+    out.append(("o", (N, V, E), ("heads", "head_dim", "embed")))
+    if mixer != "based":
+        out += [("r" if mixer == "gla" else "g", (E, N, V), into), ("head_norm", (N, V), per_head)]
+    if mixer == "gla":
+        R = cfg.gla_gate_rank
+        out += [
+            ("r_bias", (N, V), per_head),
+            ("gate_down", (E, R), ("embed", None)),
+            ("gate_up", (R, N, K), (None, "heads", "head_dim")),
+            ("gate_up_bias", (N, K), per_head),
+        ]
+    return out
+
+
+def linear_attention_state(cfg, layer: int) -> tuple[int, int, int]:
+    """``(N, K, V)`` of a linear-attention layer's float32 state ``[N, K, V]`` per sequence."""
+    N, V = cfg.lin_heads, cfg.lin_value_dim
+    if cfg.mixer(layer) == "based":  # Taylor features; values plus the normaliser column
+        F = cfg.linear_attn_feature_dim
+        return N, 1 + F + F * F, V + 1
+    return N, cfg.lin_key_dim, V
+
+
+def recurrent_state_bytes(cfg, layer: int, act_bytes: float = 2.0) -> float:
+    """Decode state of one recurrent layer (``RECURRENT_MIXERS``) for one sequence."""
+    if cfg.mixer(layer) == "mamba2":
+        return ssm_state_bytes(cfg, act_bytes)
+    return math.prod(linear_attention_state(cfg, layer)) * 4
+
+
+def recurrent_scan_flops(cfg, layer: int, sequences: int, tokens: int, phase: str) -> float:
+    """``ssm_scan_flops`` of a recurrent layer: Mamba-2's, or the same recurrence (decode
+    ``5 K V`` per head-token; prefill ``Q (K + V) + 4 K V`` with ``Q = linear_attn_chunk_size``)
+    for a linear-attention layer's ``[K, V]`` state."""
+    if cfg.mixer(layer) == "mamba2":
+        return ssm_scan_flops(cfg, sequences, tokens, phase)
+    N, K, V = linear_attention_state(cfg, layer)
+    Q = cfg.linear_attn_chunk_size
+    per_token = 5 * K * V if phase == "decode" else min(Q, tokens) * (K + V) + 4 * K * V
+    return sequences * tokens * N * per_token
 
 
 def _mlp_weights(cfg, F: int) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
@@ -518,12 +578,12 @@ def estimate(
         if key(i) not in blocks:
             blocks[key(i)] = block(i)
         blk = blocks[key(i)]
-        if cfg.mixer(i) == "mamba2":
-            per_seq = ssm_state_bytes(cfg, ab)
+        if cfg.mixer(i) in RECURRENT_MIXERS:
+            per_seq = recurrent_state_bytes(cfg, i, ab)
             state_bytes += b * per_seq
-            attn_flops_model += ssm_scan_flops(cfg, batch, t, phase)
+            attn_flops_model += recurrent_scan_flops(cfg, i, batch, t, phase)
             flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts)
-            flops += ssm_scan_flops(cfg, b, t, phase)
+            flops += recurrent_scan_flops(cfg, i, b, t, phase)
             weight_bytes = (blk.used + touched * blk.used_experts) * wb
             io = 2 if phase == "decode" else 1  # decode reads and writes it; prefill writes
             layers.append(LayerCost(flops, weight_bytes + io * b * per_seq, blk.comms))
@@ -576,8 +636,8 @@ def estimate(
         2 * tokens_total * active_matmul + attn_flops_model + 2 * batch * E * cfg.vocab_size
     )
     kv_total = batch * context * K * H * 2 * kvb * attention_layers
-    ssm_layers = cfg.num_layers - attention_layers
-    state_total = batch * ssm_state_bytes(cfg, ab) * ssm_layers
+    recurrent = [i for i in range(cfg.num_layers) if cfg.mixer(i) in RECURRENT_MIXERS]
+    state_total = batch * sum(recurrent_state_bytes(cfg, i, ab) for i in recurrent)
     # Weights each replica reads once: dense ones, the experts its tokens touch, the head.
     touched_replica = expert_fraction_touched(batch // size("replica") * t, k_e, cfg.num_experts)
     read = sum(x.dense_matmul + touched_replica * x.expert_matmul for x in per_layer)
