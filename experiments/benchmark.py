@@ -98,6 +98,13 @@ def _peak_dtype(chip, dtype: str) -> str:
     return dtype if dtype in chip.peak_flops else next(iter(chip.peak_flops))
 
 
+def decode_state_bytes(model, batch: int, max_len: int) -> int:
+    """Bytes of the decode state ``model.init_state(batch, max_len)`` as allocated: KV caches
+    grow with ``max_len``; recurrent states (Mamba-2, RG-LRU, linear attention) and ring
+    buffers do not. Shapes only (``jax.eval_shape``): nothing is allocated."""
+    return int(state_bytes(jax.eval_shape(lambda: model.init_state(batch, max_len))))
+
+
 def bench_generate(
     model,
     *,
@@ -113,7 +120,9 @@ def bench_generate(
 
     Each record: ``phase``, ``batch``, ``prompt_len``, ``new_tokens``, ``seconds`` (median
     over ``repeats`` after one compile-and-warm-up run), ``tokens_per_s``, ``ms_per_token``
-    (decode: per step), parameter and KV bytes, and the roofline fields.
+    (decode: per step), parameter bytes, ``kv_bytes`` (the attention-cache formula of
+    ``kv_bytes_per_token``), ``state_bytes`` (the decode state as allocated, ``decode_state_bytes``)
+    and the roofline fields.
     """
     cfg = model.config
     chip = chip or device_roofline()
@@ -136,6 +145,7 @@ def bench_generate(
         "device": chip.name,
         "param_bytes": wbytes,
         "kv_bytes": batch * (prompt_len + new_tokens) * kv_bytes_per_token(cfg),
+        "state_bytes": decode_state_bytes(model, batch, runs[0].stats["cache_len"]),
         "cache_len": runs[0].stats["cache_len"],
     }
     dtype = _peak_dtype(chip, cfg.dtype)

@@ -86,3 +86,16 @@ def test_bench_planned_reports_prediction_beside_measurement():
         assert math.prod(r["plan"]["mesh"].values()) == jax.device_count()
         assert r["predicted_s"] > 0
         assert r["measured_over_predicted"] == pytest.approx(r["measured_s"] / r["predicted_s"])
+
+
+def test_decode_state_bytes_grow_for_attention_only():
+    """A KV cache grows with the context; a recurrent state does not (closed forms)."""
+    dense = models.build(models.get_config("dense-tiny"))
+    griffin = models.build(models.get_config("griffin-tiny"))
+    for L in (64, 512):
+        # layers x (keys, values) x [B, S, K, H] float32, plus the int32 lengths [B]
+        kv = 2 * 2 * (2 * L * 2 * 16) * 4
+        assert benchmark.decode_state_bytes(dense, 2, L) == kv + 2 * 4
+    assert benchmark.decode_state_bytes(griffin, 1, 64) == benchmark.decode_state_bytes(
+        griffin, 1, 4096
+    )
