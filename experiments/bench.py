@@ -41,6 +41,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
     flags.DEFINE_bool("hf", False, "Also time Hugging Face transformers on the same weights.")
     flags.DEFINE_integer("seed", 0, "Weights and prompt seed.")
+    flags.DEFINE_integer(
+        "prefill_chunk", None, "Prefill long prompts in pieces of this many tokens."
+    )
     flags.DEFINE_multi_string(
         "set", [], "Model field override FIELD=VALUE (repeatable), e.g. moe_dispatch=capacity."
     )
@@ -104,6 +107,7 @@ def main(argv):
             repeats=FLAGS.repeats,
             chip=chip,
             seed=FLAGS.seed,
+            **({"prefill_chunk": FLAGS.prefill_chunk} if FLAGS.plan != "auto" else {}),
         )
         if FLAGS.hf:
             records += benchmark.bench_hf_generate(

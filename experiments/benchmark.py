@@ -115,6 +115,7 @@ def bench_generate(
     chip=None,
     label: str | None = None,
     seed: int = 0,
+    prefill_chunk: int | None = None,
 ) -> list[dict]:
     """Time ``models.generate`` (greedy) and report prefill and decode records.
 
@@ -129,8 +130,11 @@ def bench_generate(
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     # Stop tokens none, so every row decodes exactly new_tokens tokens.
-    models.generate(model, prompts, max_new_tokens=new_tokens)
-    runs = [models.generate(model, prompts, max_new_tokens=new_tokens) for _ in range(repeats)]
+    gen = lambda: models.generate(
+        model, prompts, max_new_tokens=new_tokens, prefill_chunk=prefill_chunk
+    )
+    gen()
+    runs = [gen() for _ in range(repeats)]
     prefill_s = statistics.median(r.stats["prefill_s"] for r in runs)
     decode_s = statistics.median(r.stats["decode_s"] for r in runs)
     steps = runs[0].stats["decode_steps"]

@@ -82,16 +82,45 @@ def _validate(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _build(graphdef, batch, prompt_len, cache_len, max_new, greedy, top_k, use_top_p, n_stop):
+def _chunked_prefill(model, state, tokens_BT, lengths_B, chunk: int):
+    """Prefill in ``chunk``-token pieces (a ``fori_loop``): each piece appends its rows' real
+    tokens to the state; a row's logits come from the piece holding its last token."""
+    B, T = tokens_BT.shape
+    n = -(-T // chunk)
+    tokens_BT = jnp.pad(tokens_BT, ((0, 0), (0, n * chunk - T)))
+
+    def piece(i, state, fresh):
+        start = i * chunk
+        new_B = jnp.clip(lengths_B - start, 0, chunk)
+        toks = jax.lax.dynamic_slice_in_dim(tokens_BT, start, chunk, axis=1)
+        logits, state = model.step(toks, state, num_new_B=new_B, fresh=fresh, last_only=True)
+        return logits, state, (lengths_B > start) & (lengths_B <= start + chunk)
+
+    logits_B1V, state, _ = piece(0, state, True)
+
+    def body(i, carry):
+        logits_B1V, state = carry
+        new, state, last_B = piece(i, state, False)
+        return jnp.where(last_B[:, None, None], new, logits_B1V), state
+
+    return jax.lax.fori_loop(1, n, body, (logits_B1V, state))
+
+
+def _build(
+    graphdef, batch, prompt_len, cache_len, max_new, greedy, top_k, use_top_p, n_stop, chunk
+):
     """Compile the prefill and decode functions for one shape bucket."""
     sampling = dict(greedy=greedy, top_k=top_k)
 
     def prefill(params, tokens_BT, lengths_B, key, temperature, top_p):
         model = nnx.merge(graphdef, params)
         state = model.init_state(batch, cache_len)
-        logits_B1V, state = model.step(
-            tokens_BT, state, num_new_B=lengths_B, fresh=True, last_only=True
-        )
+        if chunk is None or chunk >= prompt_len:
+            logits_B1V, state = model.step(
+                tokens_BT, state, num_new_B=lengths_B, fresh=True, last_only=True
+            )
+        else:
+            logits_B1V, state = _chunked_prefill(model, state, tokens_BT, lengths_B, chunk)
         key, sub = jax.random.split(key)
         tok_B = sample(
             logits_B1V[:, 0],
@@ -143,6 +172,7 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     stop_tokens: Sequence[int] = (),
+    prefill_chunk: int | None = None,
 ) -> GenerateResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -154,11 +184,16 @@ def generate(
       top_k, top_p: optional top-k and nucleus filtering (ignored when greedy).
       seed: PRNG seed for sampling.
       stop_tokens: ids that end a sequence (included in its output).
+      prefill_chunk: prefill long prompts in pieces of this many tokens (the state carries
+        between them), bounding prefill memory (an attention score block is ``chunk x cache``
+        instead of ``prompt x prompt``); ``None`` prefills in one call. Same tokens either way.
 
     Returns:
       ``GenerateResult`` with ``.tokens`` and ``.stats``.
     """
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     cfg = model.config
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -180,6 +215,7 @@ def generate(
         None if greedy else top_k,
         top_p is not None and not greedy,
         len(stops),
+        prefill_chunk,
     )
     args = (
         params,
