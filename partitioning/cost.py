@@ -84,14 +84,20 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
     """
     E, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     gated = cfg.mlp in ("swiglu", "geglu")
-    ssm, lin = cfg.mixer(layer) == "mamba2", cfg.mixer(layer) in LINEAR_ATTENTION_MIXERS
+    mixer = cfg.mixer(layer)
+    ssm, lin, lru = mixer == "mamba2", mixer in LINEAR_ATTENTION_MIXERS, mixer == "rglru"
     out = [
         ("q", (E, N, H), ("embed", "heads", "head_dim")),
         ("k", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("v", (E, K, H), ("embed", "kv_heads", "head_dim")),
         ("o", (N, H, E), ("heads", "head_dim", "embed")),
     ]
-    out = _ssm_weights(cfg) if ssm else _linear_attention_weights(cfg, layer) if lin else out
+    if ssm:
+        out = _ssm_weights(cfg)
+    elif lru:
+        out = _rglru_weights(cfg)
+    elif lin:
+        out = _linear_attention_weights(cfg, layer)
     out.append(("mixer_norm", (E,), ("norm",)))
     if cfg.channel(layer) == "none":
         return out
@@ -112,13 +118,13 @@ def layer_weights(cfg, layer: int = 0) -> list[tuple[str, tuple[int, ...], tuple
         out += _mlp_weights(cfg, F)
     if not cfg.parallel_block:
         out.append(("channel_norm", (E,), ("norm",)))
-    if cfg.qkv_bias and not (ssm or lin):
+    if cfg.qkv_bias and not (ssm or lin or lru):
         out += [
             ("q_bias", (N, H), ("heads", "head_dim")),
             ("k_bias", (K, H), ("kv_heads", "head_dim")),
             ("v_bias", (K, H), ("kv_heads", "head_dim")),
         ]
-    if cfg.out_bias and not (ssm or lin):
+    if cfg.out_bias and not (ssm or lin or lru):
         out.append(("o_bias", (E,), ("embed",)))
     return out
 
@@ -166,7 +172,40 @@ def ssm_scan_flops(cfg, sequences: int, tokens: int, phase: str) -> float:
 
 
 LINEAR_ATTENTION_MIXERS = ("based", "gla", "retnet")
-RECURRENT_MIXERS = ("mamba2", *LINEAR_ATTENTION_MIXERS)
+RECURRENT_MIXERS = ("mamba2", *LINEAR_ATTENTION_MIXERS, "rglru")
+RING_BUFFER_MIXERS = ("local_attention",)  # sliding-window caches of ``window`` slots
+
+
+def _rglru_weights(cfg) -> list[tuple[str, tuple[int, ...], tuple]]:
+    """An ``"rglru"`` block's weights (``models.griffin.RGLRUBlock``): ``linear_y``,
+    ``linear_x``, ``linear_out`` (with biases), the depthwise conv ``[W, R]`` (a matrix: its
+    ``2 W R`` FLOPs per token are the conv's) and bias, the block-diagonal gates
+    ``[N, R / N, R / N]`` (``2 R^2 / N`` FLOPs per token each) with ``[N, R / N]`` biases
+    (counted as matrices, negligible), and ``a_param`` ``[R]``."""
+    D, R, N, W = cfg.d_model, cfg.rnn_width, cfg.rnn_heads, cfg.lru_conv_width
+    gate, gate_bias = ((N, R // N, R // N), ("heads", None, None)), ((N, R // N), ("heads", None))
+    return [
+        ("linear_y", (D, R), ("embed", "mlp")),
+        ("linear_y_bias", (R,), ("mlp",)),
+        ("linear_x", (D, R), ("embed", "mlp")),
+        ("linear_x_bias", (R,), ("mlp",)),
+        ("linear_out", (R, D), ("mlp", "embed")),
+        ("linear_out_bias", (D,), ("embed",)),
+        ("conv_w", (W, R), (None, "mlp")),
+        ("conv_b", (R,), ("mlp",)),
+        ("input_gate_w", *gate),
+        ("input_gate_b", *gate_bias),
+        ("a_gate_w", *gate),
+        ("a_gate_b", *gate_bias),
+        ("a_param", (R,), ("mlp",)),
+    ]
+
+
+def rglru_state_bytes(cfg, act_bytes: float = 2.0) -> float:
+    """Decode state of one ``"rglru"`` layer for one sequence (``RGLRUState``): the last
+    ``W - 1`` conv inputs ``[W - 1, R]`` in the compute dtype and the float32 ``h`` ``[R]``."""
+    R = cfg.rnn_width
+    return (cfg.lru_conv_width - 1) * R * act_bytes + R * 4
 
 
 def _linear_attention_weights(cfg, layer: int) -> list[tuple[str, tuple[int, ...], tuple]]:
@@ -202,15 +241,22 @@ def recurrent_state_bytes(cfg, layer: int, act_bytes: float = 2.0) -> float:
     """Decode state of one recurrent layer (``RECURRENT_MIXERS``) for one sequence."""
     if cfg.mixer(layer) == "mamba2":
         return ssm_state_bytes(cfg, act_bytes)
+    if cfg.mixer(layer) == "rglru":
+        return rglru_state_bytes(cfg, act_bytes)
     return math.prod(linear_attention_state(cfg, layer)) * 4
 
 
 def recurrent_scan_flops(cfg, layer: int, sequences: int, tokens: int, phase: str) -> float:
     """``ssm_scan_flops`` of a recurrent layer: Mamba-2's, or the same recurrence (decode
     ``5 K V`` per head-token; prefill ``Q (K + V) + 4 K V`` with ``Q = linear_attn_chunk_size``)
-    for a linear-attention layer's ``[K, V]`` state."""
+    for a linear-attention layer's ``[K, V]`` state; for ``"rglru"`` the elementwise
+    recurrence per channel and token, in both phases: ``b = x i sqrt(1 - a^2)`` (2),
+    ``h = a h + b`` (2) and the output gate ``h y`` (1), ``5 R`` (the gates' sigmoids and
+    exponentials are not counted, like other activations)."""
     if cfg.mixer(layer) == "mamba2":
         return ssm_scan_flops(cfg, sequences, tokens, phase)
+    if cfg.mixer(layer) == "rglru":
+        return sequences * tokens * 5 * cfg.rnn_width
     N, K, V = linear_attention_state(cfg, layer)
     Q = cfg.linear_attn_chunk_size
     per_token = 5 * K * V if phase == "decode" else min(Q, tokens) * (K + V) + 4 * K * V
@@ -289,6 +335,9 @@ class Estimate:
     active_params: float = 0.0
     weight_bytes_read: float = 0.0
     state_bytes_per_chip: float = 0.0  # recurrent decode state, constant in the context
+    # Ring-buffer (``"local_attention"``) caches at their full ``window`` slots: the bound of
+    # their share of ``kv_bytes_per_chip`` (``min(context, window)`` slots), whatever the context.
+    window_bytes_per_chip: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -506,8 +555,12 @@ def estimate(
     cf = cfg.capacity_factor if cfg.moe_dispatch == "capacity" else None
     rows = M * expert_slots(tok / M, k_e, M, cf)  # expert-parallel rows a chip computes
 
+    R = cfg.rnn_width
+    lru_shards = M if R % M == 0 else 1  # the RG-LRU width R is split like an FFN hidden
+
     def block(layer: int) -> _Block:
         kind, ssm = cfg.channel(layer), cfg.mixer(layer) == "mamba2"
+        lru = cfg.mixer(layer) == "rglru"
         weights = layer_weights(cfg, layer)
         ssm_in = next((shape[1] for n, shape, _ in weights if n == "in_proj"), 0)
         mats = [(n, s, ax) for n, s, ax in weights if len(s) > 1]
@@ -522,9 +575,11 @@ def estimate(
             c.add("all-gather", ("model",), tok * E / X / M * ab)
         if ssm:  # in_proj partial sums; the layer is replicated over model
             c.add("all-reduce", ("x",), tok * ssm_in * ab)
+        elif lru:  # linear_y, linear_x partial sums; R split over model like an FFN hidden
+            c.add("all-reduce", ("x",), 2 * tok * R / lru_shards * ab)
         else:
             c.add("all-reduce", ("x",), tok * (nq + 2 * kp) * H * ab)  # q, k, v partial sums
-        if not head and not ssm:  # queries to batch shards (a local slice over x) and back
+        if not head and not (ssm or lru):  # queries to batch shards (a local slice over x), back
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-to-all", ("model",), tok * nq * H * ab / X)
             c.add("all-gather", ("x",), tok * nq * H * ab / X)
@@ -552,6 +607,8 @@ def estimate(
         if ssm:  # the mixer's output is whole on every chip: no reduce-scatter
             sums -= 0 if cfg.parallel_block and kind != "none" else 1
             hidden = max(hidden, tok * ssm_in)
+        if lru:
+            hidden = max(hidden, 2 * tok * R / lru_shards)
         for _ in range(sums):
             c.add("reduce-scatter", ("model",), tok * E / X * ab)
         if size("gather") > 1:
@@ -569,9 +626,11 @@ def estimate(
 
     blocks = {}
     layers = []
-    kv_layer_bytes = state_bytes = 0.0
+    kv_layer_bytes = state_bytes = ring_bytes = 0.0
     attn_flops_model = 0.0
-    attention_layers = 0
+    attention_layers = 0  # layers whose cache grows with the context
+    kv_slot = K * H * 2 * kvb  # one position's keys and values, all kv heads
+    kv_read = kv_written = 0.0  # the slice's cache traffic of the step, each position once
     touched = expert_fraction_read(layout, tok, k_e, cfg.num_experts)
     key = lambda i: (cfg.mixer(i), cfg.channel(i))
     for i in range(cfg.num_layers):
@@ -579,27 +638,37 @@ def estimate(
             blocks[key(i)] = block(i)
         blk = blocks[key(i)]
         if cfg.mixer(i) in RECURRENT_MIXERS:
-            per_seq = recurrent_state_bytes(cfg, i, ab)
+            shards = lru_shards if cfg.mixer(i) == "rglru" else 1
+            per_seq = recurrent_state_bytes(cfg, i, ab) / shards
             state_bytes += b * per_seq
             attn_flops_model += recurrent_scan_flops(cfg, i, batch, t, phase)
             flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts)
-            flops += recurrent_scan_flops(cfg, i, b, t, phase)
+            flops += recurrent_scan_flops(cfg, i, b, t, phase) / shards
             weight_bytes = (blk.used + touched * blk.used_experts) * wb
             io = 2 if phase == "decode" else 1  # decode reads and writes it; prefill writes
             layers.append(LayerCost(flops, weight_bytes + io * b * per_seq, blk.comms))
             continue
-        attention_layers += 1
         window = cfg.window(i)
-        keys = context if window is None else min(context, window)
+        keys = context if window is None else min(context, window)  # read by the last query
+        ring = cfg.mixer(i) in RING_BUFFER_MIXERS
+        # A ring buffer holds the last ``window`` positions; any other cache (Mistral-style
+        # sliding windows included) holds the whole context, though only ``keys`` are read.
+        slots, written = (keys, min(t, window)) if ring else (context, t)
         if phase == "prefill":  # causal: each query sees min(position, window) keys
             pairs = t * keys - keys * (keys - 1) / 2 if window else t * (t + 1) / 2
-            kv_bytes = b_attn * t * k_l * H * 2 * kvb  # write the new keys and values
+            kv_bytes = b_attn * written * k_l * H * 2 * kvb  # write the new keys and values
         else:
             pairs = keys
             kv_bytes = b_attn * keys * k_l * H * 2 * kvb  # read the cache
         attn = 4 * b_attn * pairs * n_l * H
         attn_flops_model += 4 * batch * pairs * N * H
-        kv_layer_bytes += b_attn * context * k_l * H * 2 * kvb
+        kv_layer_bytes += b_attn * slots * k_l * H * 2 * kvb
+        kv_read += batch * keys * kv_slot
+        kv_written += batch * written * kv_slot
+        if ring:
+            ring_bytes += b_attn * window * k_l * H * 2 * kvb
+        else:
+            attention_layers += 1
         flops = 2 * tok * (blk.used + k_e / n_e * blk.used_experts) + attn
         weight_bytes = (blk.used + touched * blk.used_experts) * wb
         layers.append(LayerCost(flops, weight_bytes + kv_bytes, blk.comms))
@@ -635,14 +704,13 @@ def estimate(
     model_flops = (
         2 * tokens_total * active_matmul + attn_flops_model + 2 * batch * E * cfg.vocab_size
     )
-    kv_total = batch * context * K * H * 2 * kvb * attention_layers
     recurrent = [i for i in range(cfg.num_layers) if cfg.mixer(i) in RECURRENT_MIXERS]
     state_total = batch * sum(recurrent_state_bytes(cfg, i, ab) for i in recurrent)
     # Weights each replica reads once: dense ones, the experts its tokens touch, the head.
     touched_replica = expert_fraction_touched(batch // size("replica") * t, k_e, cfg.num_experts)
     read = sum(x.dense_matmul + touched_replica * x.expert_matmul for x in per_layer)
     weight_read = size("replica") * (read + E * cfg.vocab_size) * wb
-    unique = weight_read + (kv_total if phase == "decode" else kv_total * t / context)
+    unique = weight_read + (kv_read if phase == "decode" else kv_written)
     unique += state_total
     outer_params = sum(math.prod(s) for _, s, _ in outer)
     active = outer_params + sum(x.params - (1 - k_e / n_e) * x.expert_matmul for x in per_layer)
@@ -680,6 +748,7 @@ def estimate(
         active_params=active,
         weight_bytes_read=weight_read,
         state_bytes_per_chip=state_bytes,
+        window_bytes_per_chip=ring_bytes,
     )
 
 
@@ -687,11 +756,13 @@ def max_context(est: Estimate, kv_memory_fraction: float) -> int | None:
     """Longest context whose KV cache fits in ``kv_memory_fraction`` of a chip's HBM at this
     batch and layout (Pope et al. Table 1's measure).
 
-    Recurrent (Mamba-2) layers' constant state comes off the budget first. ``None`` means
-    unbounded: no layer's state grows with the context (a pure SSM) and the state fits; 0 if
-    it does not fit.
+    Recurrent layers' constant state and ring-buffer caches at their full window come off the
+    budget first. ``None`` means unbounded: no layer's state grows with the context (a pure
+    SSM, or recurrent and local-attention layers as in RecurrentGemma) and the state fits; 0
+    if it does not fit.
     """
-    budget = kv_memory_fraction * est.layout.chip.hbm_bytes - est.state_bytes_per_chip
+    budget = kv_memory_fraction * est.layout.chip.hbm_bytes
+    budget -= est.state_bytes_per_chip + est.window_bytes_per_chip
     if budget < 0:
         return 0
     if est.kv_bytes_per_token_per_chip == 0:
@@ -703,6 +774,6 @@ def max_batch(est: Estimate, kv_memory_fraction: float) -> int:
     """Largest batch (a multiple of the batch shards) whose KV cache at this context fits in
     ``kv_memory_fraction`` of a chip's HBM."""
     budget = kv_memory_fraction * est.layout.chip.hbm_bytes
-    per_sequence = est.kv_bytes_per_token_per_chip / est.sequences_per_chip * est.context
-    per_sequence += est.state_bytes_per_chip / est.sequences_per_chip  # both linear in batch
+    # Growing caches, ring buffers and recurrent state: all linear in the batch.
+    per_sequence = est.kv_bytes_per_chip / est.sequences_per_chip
     return int(budget // per_sequence) * est.batch_shards

@@ -257,7 +257,8 @@ def check_divides(layout: Layout, cfg, batch: int) -> None:
     s = layout.size
     head = layout.attention == "head_sharded"
     channels = {cfg.channel(i) for i in range(cfg.num_layers)}
-    attention = {cfg.mixer(i) for i in range(cfg.num_layers)} != {"mamba2"}
+    mixers = {cfg.mixer(i) for i in range(cfg.num_layers)}
+    attention = bool(mixers - {"mamba2", "rglru"})  # mixers with heads split over model
     batch_axes = ("replica", "gather", *(() if head or not attention else ("x", "model")))
     need = [
         ("d_model", cfg.d_model, s("x", "model"), "x*model"),
@@ -265,6 +266,9 @@ def check_divides(layout: Layout, cfg, batch: int) -> None:
     ]
     if attention:  # a pure Mamba-2 stack has no heads to split (its layers are replicated)
         need.insert(1, ("num_heads", cfg.num_heads, s("model"), "model"))
+    if "rglru" in mixers:  # the RG-LRU width and its gates' blocks are split over model
+        need.append(("lru_width", cfg.rnn_width, s("model"), "model"))
+        need.append(("lru_heads", cfg.rnn_heads, s("model"), "model"))
     if "mlp" in channels:
         need.insert(1, ("ffn_dim", cfg.ffn_dim, s("model"), "model"))
     if "moe" in channels:
