@@ -39,10 +39,10 @@ def test_state_bytes_closed_form_equal_the_model_and_constant_in_context():
         assert cost.max_context(est, 0.5) is None  # unbounded
     assert ests[0].step_time_s == ests[1].step_time_s
     assert ests[0].total_params == models.count_params(gla)
-    # Based alternates with local attention: the attention layers' cache grows per token.
+    # Based alternates with local attention, whose ring buffer does not grow per token.
     est = cost.estimate(based, ONE_CHIP, phase="decode", batch=8, context=1024)
     assert est.state_bytes_per_chip == 8 * 2 * 19_856
-    assert est.kv_bytes_per_token_per_chip > 0
+    assert est.kv_bytes_per_token_per_chip == 0 and est.window_bytes_per_chip > 0
 
 
 def test_decode_flops_closed_form():
