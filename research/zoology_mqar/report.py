@@ -50,6 +50,7 @@ def plot(results: dict, path) -> None:
     """PNG: a column per task; accuracy vs ``d_model`` (top) and vs state bytes (bottom, log x)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     runs = results["runs"]
     tasks = _tasks(runs) or [(0, 0)]
@@ -73,6 +74,7 @@ def plot(results: dict, path) -> None:
         top.set_xscale("log", base=2)
         top.set_xlabel("model dimension")
         bottom.set_xscale("log")
+        bottom.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
         bottom.set_xlabel("decode-state bytes per sequence")
         for ax in (top, bottom):
             ax.set_ylabel("query accuracy")
