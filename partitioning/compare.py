@@ -22,24 +22,10 @@ from partitioning import cost, planner
 
 
 def mixtral_8x7b():
-    """Mixtral 8x7B (arXiv:2401.04088 §2): the ``models`` preset, or the same shapes."""
-    from models.configs import ModelConfig, get_config
+    """Mixtral 8x7B (arXiv:2401.04088 §2): the ``models`` preset."""
+    from models.configs import get_config
 
-    try:
-        return get_config("mixtral-8x7b")
-    except ValueError:
-        return ModelConfig(
-            name="mixtral-8x7b",
-            vocab_size=32000,
-            d_model=4096,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=8,
-            ffn_dim=14336,
-            num_experts=8,
-            experts_per_token=2,
-            channel_pattern=("moe",),
-        )
+    return get_config("mixtral-8x7b")
 
 
 def dense_equivalent(cfg, *, multiple: int = 256):
