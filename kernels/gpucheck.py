@@ -6,6 +6,7 @@ Meant for a short lease of one H100 (see README "On a GPU")::
     python -m kernels.gpucheck --out $OUT            # everything
     python -m kernels.gpucheck --out $OUT --only correct,sweep
     python -m kernels.gpucheck --out $OUT --only quant_correct,quant_sweep,quant_bench
+    python -m kernels.gpucheck --out $OUT --only scan_bench,gmm_bench
 
 Each step writes JSON lines to ``<out>/gpucheck.jsonl`` as it goes (a crash loses nothing
 already measured) and a failing case records its error instead of stopping the run.
@@ -362,6 +363,26 @@ def run_quant_bench() -> None:
         )  # fmt: skip
 
 
+def run_scan_bench() -> None:
+    """``kernels.bench scan`` (Mamba-2 1.3B shape): every impl against the naive float32
+    recurrence, forward and forward+backward."""
+    for case in bench.SCAN_CASES:
+        bench.bench_scan_case(
+            case, dtype=jnp.dtype(jnp.bfloat16), passes=("fwd", "bwd"), impls=None, repeats=10,
+            warmup=2, emit=lambda r: _emit({"step": "scan_bench", **r}),
+        )  # fmt: skip
+
+
+def run_gmm_bench() -> None:
+    """``kernels.bench grouped_matmul`` (Mixtral and fine-grained MoE shapes) against
+    ``jax.lax.ragged_dot`` and the padded dense baseline, forward and backward."""
+    for case in bench.GMM_CASES:
+        bench.bench_gmm_case(
+            case, dtype=jnp.dtype(jnp.bfloat16), passes=("fwd", "bwd"), impls=None, repeats=10,
+            warmup=2, emit=lambda r: _emit({"step": "gmm_bench", **r}),
+        )  # fmt: skip
+
+
 STEPS = {
     "correct": check_correct,
     "correct_bwd": check_backward,
@@ -371,6 +392,8 @@ STEPS = {
     "quant_correct": check_quant,
     "quant_sweep": sweep_quant,
     "quant_bench": run_quant_bench,
+    "scan_bench": run_scan_bench,
+    "gmm_bench": run_gmm_bench,
 }
 
 

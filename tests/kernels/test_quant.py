@@ -131,3 +131,24 @@ def test_bad_input_gets_clear_errors(call, match):
     w, x = _weight(64, 16), jnp.ones((3, 64))
     with pytest.raises(ValueError, match=match):
         call(w, x)
+
+
+@pytest.mark.parametrize(
+    ("backend", "hopper", "dtype", "group_size", "want"),
+    [
+        ("gpu", True, jnp.bfloat16, None, "pallas_gpu"),
+        ("gpu", True, jnp.float16, 128, "pallas_gpu"),
+        ("gpu", True, jnp.float32, None, "xla"),
+        ("gpu", True, jnp.bfloat16, 64, "xla"),
+        ("gpu", False, jnp.bfloat16, None, "xla"),
+        ("cpu", False, jnp.bfloat16, None, "xla"),
+    ],
+)
+def test_auto_picks_the_measured_winner(monkeypatch, backend, hopper, dtype, group_size, want):
+    import kernels.attention
+    import kernels.quant
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(kernels.attention, "_is_hopper", lambda: hopper)
+    qw = quant.quantize(jnp.ones((256, 128), jnp.float32), "int8", group_size=group_size)
+    assert kernels.quant._auto(jnp.ones((4, 256), dtype), qw) == want
