@@ -50,6 +50,7 @@ from kernels.quant.reference import (
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 _PALLAS = {"pallas_tpu": ("tpu", "tpu"), "pallas_gpu": ("gpu", "gpu")}
 
+
 def _auto(x_MK, qw: QuantizedWeight) -> str:
     from kernels.attention import _is_hopper
 
