@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=30 tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
