@@ -45,6 +45,7 @@ import models
 from experiments import checkpoint, distributed, plots
 from experiments.data import DataConfig, make_dataset
 from experiments.progress import Progress
+from models.early_exit import exit_loss
 from partitioning import rules as partition_rules
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -218,14 +219,19 @@ def make_step_fns(graphdef, tx: optax.GradientTransformation):
     """
 
     def loss_fn(params, rest, batch):
-        out = nnx.merge(graphdef, params, rest)(batch["inputs"])
+        model = nnx.merge(graphdef, params, rest)
+        out = model(batch["inputs"])
         loss = masked_cross_entropy(_logits(out), batch["targets"], batch["mask"])
+        objective, metrics = loss, {"loss": loss}
+        if getattr(out, "exit_logits", None) is not None:  # early-exit heads
+            objective, exit_metrics = exit_loss(out, batch["targets"], batch["mask"], model.config)
+            metrics.update(exit_metrics, exit_loss=objective)
         aux = getattr(out, "aux_loss", None)  # MoE router losses, already weighted
         if aux is None:
-            return loss, {"loss": loss}
+            return objective, metrics
         # The gradient is of cross-entropy + aux; the logged "loss" stays the cross-entropy,
         # comparable with eval and with dense models.
-        return loss + aux, {"loss": loss, "aux_loss": aux}
+        return objective + aux, {**metrics, "aux_loss": aux}
 
     def train_step(params, opt_state, rest, batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)

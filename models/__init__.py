@@ -6,6 +6,7 @@ Public surface (``../shared/API.md``): ``get_config``, ``list_configs``, ``build
 
 from models import hf
 from models.configs import ModelConfig, RopeScaling, get_config, list_configs
+from models.early_exit import EarlyExitOutput, exit_loss, step_to_exit
 from models.generate import GenerateResult, generate
 from models.linear_attention import GLA, Based, LinearAttentionState, RetNet
 from models.lm import (
@@ -37,6 +38,7 @@ __all__ = [
     "LM",
     "Based",
     "DecodeState",
+    "EarlyExitOutput",
     "GenerateResult",
     "GLA",
     "KVCache",
@@ -56,6 +58,7 @@ __all__ = [
     "calibrate",
     "count_active_params",
     "count_params",
+    "exit_loss",
     "generate",
     "get_config",
     "hf",
@@ -67,5 +70,6 @@ __all__ = [
     "register_channel",
     "register_mixer",
     "save_quantized",
+    "step_to_exit",
     "upcycle",
 ]

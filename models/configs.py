@@ -26,6 +26,8 @@ SSM_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu", "naive")
 # ``naive``: models.linear_attention.naive_recurrence; the rest: kernels.scan impls.
 LINEAR_ATTN_IMPLS = SSM_IMPLS
 LINEAR_ATTN_MIXERS = ("based", "gla", "retnet")
+EXIT_HEADS = ("shared", "separate")
+EXIT_LOSSES = ("weighted", "sorted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,15 @@ class ModelConfig:
       lru_conv_width: kernel width of the ``"rglru"`` block's causal depthwise convolution.
       kv_cache_dtype: ``None`` keeps the KV cache in ``dtype``; ``"int8"`` stores it as int8
         with one float32 scale per token and kv head (``models.state.KVCache``).
+      exit_layers: early-exit depths (``models.early_exit``): an exit after the first ``d``
+        blocks for each ``d``, strictly increasing in ``1..num_layers - 1``; ``()``: none.
+      exit_head: ``"shared"`` (a per-exit norm, then the model's output head) or
+        ``"separate"`` (a per-exit norm and output head).
+      exit_loss: ``"weighted"`` (EE-LLM, arXiv:2312.04916: ``sum_i w_i CE_i``) or
+        ``"sorted"`` (Sorted fine-tuning, arXiv:2309.08968: the ``w``-weighted mean over the
+        nested sub-models ``sum_i w_i CE_i / sum_i w_i``).
+      exit_loss_weights: one weight per exit, the final layer last (``len(exit_layers) + 1``);
+        ``None``: all 1.0.
       hf_architecture: the Hugging Face class this config maps to, for ``models.hf``.
       source: where the published shape comes from.
     """
@@ -184,6 +195,10 @@ class ModelConfig:
     linear_attn_impl: str = "auto"
     linear_attn_interpret: bool = False
     init_std: float = 0.02
+    exit_layers: tuple[int, ...] = ()
+    exit_head: str = "shared"
+    exit_loss: str = "weighted"
+    exit_loss_weights: tuple[float, ...] | None = None
     hf_architecture: str | None = None
     source: str = ""
 
@@ -230,6 +245,26 @@ class ModelConfig:
                 raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
         self._check_ssm()
         self._check_linear_attention()
+        self._check_exits()
+
+    def _check_exits(self) -> None:
+        object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
+        _check_choice("exit_head", self.exit_head, EXIT_HEADS)
+        _check_choice("exit_loss", self.exit_loss, EXIT_LOSSES)
+        depths = self.exit_layers
+        if any(not 1 <= d < self.num_layers for d in depths) or list(depths) != sorted(set(depths)):
+            raise ValueError(
+                f"exit_layers={depths} must be strictly increasing depths in "
+                f"1..num_layers - 1 = {self.num_layers - 1}"
+            )
+        if self.exit_loss_weights is not None:
+            weights = tuple(float(w) for w in self.exit_loss_weights)
+            object.__setattr__(self, "exit_loss_weights", weights)
+            if len(weights) != len(depths) + 1 or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"exit_loss_weights={weights} needs len(exit_layers) + 1 = "
+                    f"{len(depths) + 1} non-negative weights (the final layer last), not all 0"
+                )
 
     def _check_linear_attention(self) -> None:
         _check_choice("linear_attn_impl", self.linear_attn_impl, LINEAR_ATTN_IMPLS)
@@ -383,6 +418,8 @@ class ModelConfig:
             "mixer_pattern",
             "channel_pattern",
             "ssm_time_step_limit",
+            "exit_layers",
+            "exit_loss_weights",
         ):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -442,6 +479,15 @@ def dense_tiny() -> ModelConfig:
         max_seq_len=512,
         hf_architecture="LlamaForCausalLM",
         source="Kestrel test shape",
+    )
+
+
+@_preset
+def early_exit_tiny() -> ModelConfig:
+    """``dense-tiny`` at 4 layers with exits after layers 1 and 2 (shared head, per-exit
+    norms; EE-LLM-style weighted loss, arXiv:2312.04916)."""
+    return dense_tiny().replace(
+        name="early-exit-tiny", num_layers=4, exit_layers=(1, 2), hf_architecture=None
     )
 
 

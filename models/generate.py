@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import early_exit
 from models.sampling import sample
 from partitioning.rules import active_sharding
 
@@ -37,11 +38,16 @@ class GenerateResult:
     ``stats``: ``prefill_s``, ``decode_s``, ``compile_s``, ``prefill_tokens_per_s``,
     ``decode_tokens_per_s`` (generated tokens per decode second), ``tokens_per_s`` (generated
     tokens per second of prefill + decode), ``generated_tokens``, ``decode_steps``,
-    ``batch_size``, ``cache_len``.
+    ``batch_size``, ``cache_len``; with ``exit_threshold`` set, ``avg_layers`` (mean depth of
+    the exits that produced the decode-step tokens; prefill runs full depth).
+
+    ``exit_depths[i]``: with ``exit_threshold`` set, the depth (blocks run) of the exit that
+    produced each token of ``tokens[i]`` (the first, from prefill, is ``num_layers``).
     """
 
     tokens: list[list[int]]
     stats: dict[str, float]
+    exit_depths: list[list[int]] | None = None
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -107,9 +113,23 @@ def _chunked_prefill(model, state, tokens_BT, lengths_B, chunk: int):
 
 
 def _build(
-    graphdef, batch, prompt_len, cache_len, max_new, greedy, top_k, use_top_p, n_stop, chunk
+    graphdef,
+    batch,
+    prompt_len,
+    cache_len,
+    max_new,
+    greedy,
+    top_k,
+    use_top_p,
+    n_stop,
+    chunk,
+    exits=None,
 ):
-    """Compile the prefill and decode functions for one shape bucket."""
+    """Compile the prefill and decode functions for one shape bucket.
+
+    ``exits``: ``None``, or ``(measure, mode)`` of ``early_exit.exit_step``; the decode
+    function then takes the exit threshold as a traced last argument.
+    """
     sampling = dict(greedy=greedy, top_k=top_k)
 
     def prefill(params, tokens_BT, lengths_B, key, temperature, top_p):
@@ -121,6 +141,8 @@ def _build(
             )
         else:
             logits_B1V, state = _chunked_prefill(model, state, tokens_BT, lengths_B, chunk)
+        if exits is not None:
+            state = early_exit.init_exit_state(model, state, exits[1])
         key, sub = jax.random.split(key)
         tok_B = sample(
             logits_B1V[:, 0],
@@ -131,18 +153,27 @@ def _build(
         )
         return tok_B, state, key
 
-    def decode(params, state, tok_B, key, temperature, top_p, stops_S):
+    def decode(params, state, tok_B, key, temperature, top_p, stops_S, *threshold):
         model = nnx.merge(graphdef, params)
         out_BM = jnp.full((batch, max_new), _PAD, jnp.int32).at[:, 0].set(tok_B)
         done_B = jnp.isin(tok_B, stops_S)
+        # Depth of the exit behind each token (None, no leaves, without exits).
+        depth_BM = None if exits is None else jnp.full_like(out_BM, model.config.num_layers)
 
         def cond(carry):
-            i, _, _, _, done_B, _ = carry
+            i, _, _, _, done_B, _, _ = carry
             return (i < max_new) & ~jnp.all(done_B)
 
         def body(carry):
-            i, tok_B, state, out_BM, done_B, key = carry
-            logits_B1V, state = model.step(tok_B[:, None], state)
+            i, tok_B, state, out_BM, done_B, key, depth_BM = carry
+            if exits is None:
+                logits_B1V, state = model.step(tok_B[:, None], state)
+            else:
+                measure, mode = exits
+                logits_B1V, state, d_B = early_exit.exit_step(
+                    model, tok_B, state, threshold[0], measure=measure, mode=mode
+                )
+                depth_BM = depth_BM.at[:, i].set(d_B)
             key, sub = jax.random.split(key)
             nxt_B = sample(
                 logits_B1V[:, 0],
@@ -153,11 +184,13 @@ def _build(
             )
             nxt_B = jnp.where(done_B, _PAD, nxt_B)
             out_BM = out_BM.at[:, i].set(nxt_B)
-            return i + 1, nxt_B, state, out_BM, done_B | jnp.isin(nxt_B, stops_S), key
+            done_B = done_B | jnp.isin(nxt_B, stops_S)
+            return i + 1, nxt_B, state, out_BM, done_B, key, depth_BM
 
-        carry = (jnp.int32(1), tok_B, state, out_BM, done_B, key)
-        steps, _, state, out_BM, _, _ = jax.lax.while_loop(cond, body, carry)
-        return out_BM, steps, state  # returning the state lets XLA update the donated cache
+        carry = (jnp.int32(1), tok_B, state, out_BM, done_B, key, depth_BM)
+        steps, _, state, out_BM, _, _, depth_BM = jax.lax.while_loop(cond, body, carry)
+        # Returning the state lets XLA update the donated cache.
+        return out_BM, steps, state, depth_BM
 
     return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
 
@@ -173,6 +206,9 @@ def generate(
     seed: int = 0,
     stop_tokens: Sequence[int] = (),
     prefill_chunk: int | None = None,
+    exit_threshold: float | None = None,
+    exit_measure: str = "confidence",
+    exit_state: str = "propagate",
 ) -> GenerateResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -187,6 +223,13 @@ def generate(
       prefill_chunk: prefill long prompts in pieces of this many tokens (the state carries
         between them), bounding prefill memory (an attention score block is ``chunk x cache``
         instead of ``prompt x prompt``); ``None`` prefills in one call. Same tokens either way.
+      exit_threshold: early exit at decode steps (``models.early_exit``; a model with
+        ``exit_layers``): a row takes the first exit whose ``exit_measure`` score reaches it,
+        in ``[0, 1]``; ``1.0`` never exits, ``0.0`` always takes the first. ``None``: no exits.
+      exit_measure: ``"confidence"`` (max probability), ``"entropy"`` (``1 - H / log V``) or
+        ``"margin"`` (top-1 minus top-2 probability).
+      exit_state: KV of skipped layers: ``"propagate"`` (from the exit hidden state, CALM)
+        or ``"recompute"`` (computed on the next pass that reaches them, EE-LLM).
 
     Returns:
       ``GenerateResult`` with ``.tokens`` and ``.stats``.
@@ -194,6 +237,10 @@ def generate(
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+    exits = None
+    if exit_threshold is not None:
+        early_exit.check_exit_options(model, exit_threshold, exit_measure, exit_state)
+        exits = (exit_measure, exit_state)
     cfg = model.config
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -216,7 +263,7 @@ def generate(
         top_p is not None and not greedy,
         len(stops),
         prefill_chunk,
-    )
+    ) + (() if exits is None else (exits,))
     args = (
         params,
         jnp.asarray(tokens),
@@ -228,13 +275,16 @@ def generate(
     active = active_sharding()  # traced-in activation shardings are part of the program
     layout = None if active is None else (active[0], tuple(sorted(active[1].items())))
     key = (spec, _signature(params), layout)
+    extra = () if exits is None else (jnp.float32(exit_threshold),)
     t0 = time.perf_counter()
     if key not in _COMPILED:
         prefill_jit, decode_jit = _build(*spec)
         tok_B, state, rng = jax.eval_shape(prefill_jit, *args)
         _COMPILED[key] = (
             prefill_jit.lower(*args).compile(),
-            decode_jit.lower(params, state, tok_B, rng, *args[-2:], jnp.asarray(stops)).compile(),
+            decode_jit.lower(
+                params, state, tok_B, rng, *args[-2:], jnp.asarray(stops), *extra
+            ).compile(),
         )
         if len(_COMPILED) > _MAX_COMPILED:
             _COMPILED.popitem(last=False)
@@ -246,8 +296,8 @@ def generate(
     tok_B, state, rng = jax.block_until_ready(prefill(*args))
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out_BM, steps, _ = jax.block_until_ready(
-        decode(params, state, tok_B, rng, *args[-2:], jnp.asarray(stops))
+    out_BM, steps, _, depth_BM = jax.block_until_ready(
+        decode(params, state, tok_B, rng, *args[-2:], jnp.asarray(stops), *extra)
     )
     decode_s = time.perf_counter() - t0
 
@@ -276,4 +326,9 @@ def generate(
         "batch_size": batch,
         "cache_len": cache_len,
     }
-    return GenerateResult(tokens=results, stats=stats)
+    if exits is None:
+        return GenerateResult(tokens=results, stats=stats)
+    depths = [np.asarray(d)[: len(s)].tolist() for d, s in zip(depth_BM, results, strict=True)]
+    decoded = [d for row in depths for d in row[1:]]
+    stats["avg_layers"] = float(np.mean(decoded)) if decoded else float(cfg.num_layers)
+    return GenerateResult(tokens=results, stats=stats, exit_depths=depths)

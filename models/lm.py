@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models import early_exit
 from models.attention import Attention
 from models.configs import ModelConfig
 from models.griffin import LocalAttention, RGLRUBlock
@@ -137,9 +138,13 @@ class LM(nnx.Module):
                 rngs=rngs,
             )
         )
+        self.exits = early_exit.ExitHeads(cfg, rngs=rngs) if cfg.exit_layers else None
 
     def __call__(self, tokens_BT):
-        """Logits ``[B, T, V]``, or an ``LMOutput`` if some channel block reports aux losses."""
+        """Logits ``[B, T, V]``, or an ``LMOutput`` if some channel block reports aux losses,
+        or an ``early_exit.EarlyExitOutput`` if the config has ``exit_layers``."""
+        if self.exits is not None:
+            return early_exit.forward(self, tokens_BT)
         logits_BTV, _, auxes = self._forward(tokens_BT, None)
         auxes = [a for a in auxes if a is not None]
         if not auxes:
@@ -184,10 +189,7 @@ class LM(nnx.Module):
         else:
             starts_B = state.lengths_B
             segment = Segment(starts_B, starts_B + num_new_B, T, fresh)
-        x_BTD = self.embed(tokens_BT)
-        if self.config.embed_scale != 1.0:
-            x_BTD = x_BTD * jnp.asarray(self.config.embed_scale, x_BTD.dtype)
-        x_BTD = shard_as(x_BTD, _RESIDUAL)
+        x_BTD = self.embed_tokens(tokens_BT)
         layer_states, auxes = [], []
         for i, block in enumerate(self.blocks):
             x_BTD, layer_state, aux = block(
@@ -198,10 +200,21 @@ class LM(nnx.Module):
         if last_only:
             last_B = jnp.maximum(num_new_B - 1, 0)
             x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-        logits_BTV = self.logits(shard_as(self.final_norm(x_BTD), _INPUT))
+        logits_BTV = self.head(x_BTD)
         if state is not None:
             state = state.replace(lengths_B=segment.lengths_B, layers=tuple(layer_states))
         return logits_BTV, state, auxes
+
+    def embed_tokens(self, tokens_BT):
+        """The residual stream's input: scaled token embeddings ``[B, T, D]``."""
+        x_BTD = self.embed(tokens_BT)
+        if self.config.embed_scale != 1.0:
+            x_BTD = x_BTD * jnp.asarray(self.config.embed_scale, x_BTD.dtype)
+        return shard_as(x_BTD, _RESIDUAL)
+
+    def head(self, x_BTD):
+        """Final norm and output head of the residual stream: float32 logits."""
+        return self.logits(shard_as(self.final_norm(x_BTD), _INPUT))
 
     def logits(self, x_BTD):
         """Output head (tied or not), float32, soft-capped if ``final_logit_softcap`` is set."""

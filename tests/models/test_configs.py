@@ -54,6 +54,8 @@ def closed_form(cfg: models.ModelConfig, *, active: bool = False) -> int:
     channels = sum(moe if cfg.channel(i) == "moe" else mlp for i in range(L))
     norms = (1 if cfg.parallel_block else 2) * D
     head = 0 if cfg.tie_embeddings else D * V
+    # Early-exit heads: a norm per exit, plus its own output head when "separate".
+    head += len(cfg.exit_layers) * (D + (D * V if cfg.exit_head == "separate" else 0))
     mixer = dict(rglru=_rglru(cfg), based=_based(cfg), gla=_gla(cfg), retnet=_retnet(cfg))
     mixers = sum(mixer.get(cfg.mixer(i), attn) for i in range(L))
     return V * D + mixers + L * norms + channels + D + head
