@@ -20,6 +20,7 @@ from models.lm import (
     register_mixer,
 )
 from models.moe import MoE
+from models.prune import PruneReport, block_influence, drop_layers, prune, pruned_config
 from models.quantize import (
     QuantizedEinsum,
     QuantRecipe,
@@ -47,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "Mamba2",
     "MoE",
+    "PruneReport",
     "QuantRecipe",
     "QuantizedEinsum",
     "RetNet",
@@ -54,10 +56,12 @@ __all__ = [
     "SSMState",
     "Segment",
     "abstract",
+    "block_influence",
     "build",
     "calibrate",
     "count_active_params",
     "count_params",
+    "drop_layers",
     "exit_loss",
     "generate",
     "get_config",
@@ -66,6 +70,8 @@ __all__ = [
     "list_configs",
     "load_quantized",
     "param_bytes",
+    "prune",
+    "pruned_config",
     "quantize",
     "register_channel",
     "register_mixer",

@@ -118,42 +118,65 @@ def _kept(cfg: ModelConfig, layers) -> list[int]:
     return [i for i in range(cfg.num_layers) if i not in drop]
 
 
-def _layer_fields(cfg: ModelConfig) -> tuple[list[str], list[str]]:
-    """Per-layer ``ModelConfig`` fields: cyclic patterns and sets of layer indices.
+# Per-layer ``ModelConfig`` fields and how dropping blocks rewrites them.
+_PATTERNS = ("mixer_pattern", "channel_pattern")  # names repeated cyclically over layers
+_LAYER_SETS = ("sliding_window_layers",)  # layer indices
+_EXITS = ("exit_layers",)  # depths, with the per-exit exit_loss_weights
 
-    ``*_pattern`` fields (``mixer_pattern``, ``channel_pattern``) repeat over the layers;
-    ``*_layers`` fields other than ``num_layers`` (``sliding_window_layers``, early-exit
-    layers where the config has them) name layers by index.
+
+def _kept_exits(cfg: ModelConfig, kept: list[int]) -> list[tuple[int, int]]:
+    """``(old exit index, new depth)`` of the exits that survive.
+
+    An exit at depth ``d`` reads the stream leaving block ``d - 1``; it is dropped with that
+    block, or when every block after it is dropped (it would sit on the final head).
     """
-    names = [f.name for f in dataclasses.fields(cfg)]
-    patterns = [n for n in names if n.endswith("_pattern")]
-    index_sets = [n for n in names if n.endswith("_layers") and n != "num_layers"]
-    return patterns, index_sets
+    position = {i: j for j, i in enumerate(kept)}
+    return [
+        (k, position[d - 1] + 1)
+        for k, d in enumerate(cfg.exit_layers)
+        if d - 1 in position and position[d - 1] + 1 < len(kept)
+    ]
 
 
 def pruned_config(cfg: ModelConfig, layers: Sequence[int]) -> ModelConfig:
     """``cfg`` without ``layers``: each kept layer keeps its mixer, channel and window.
 
     Patterns are unrolled over the kept layers and folded back to their shortest cycle;
-    layer-index fields drop the removed layers and renumber the rest.
+    ``sliding_window_layers`` drops the removed layers and renumbers the rest; early exits
+    (``exit_layers``, ``exit_loss_weights``) follow ``_kept_exits``.
+
+    Raises:
+      ValueError: bad ``layers``, or a per-layer field this function does not know.
     """
     kept = _kept(cfg, layers)
-    patterns, index_sets = _layer_fields(cfg)
+    known = {"num_layers", *_PATTERNS, *_LAYER_SETS, *_EXITS}
+    unknown = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name.endswith(("_pattern", "_layers")) and f.name not in known
+    ]
+    if unknown:
+        raise ValueError(f"pruned_config does not know how to drop layers from {unknown}")
     overrides = {"num_layers": len(kept)}
-    for name in patterns:
+    for name in _PATTERNS:
         pattern = getattr(cfg, name)
         overrides[name] = shortest_cycle(tuple(pattern[i % len(pattern)] for i in kept))
-    for name in index_sets:
+    for name in _LAYER_SETS:
         old = getattr(cfg, name)
         if old is not None:
             overrides[name] = tuple(j for j, i in enumerate(kept) if i in set(old))
+    exits = _kept_exits(cfg, kept)
+    overrides["exit_layers"] = tuple(depth for _, depth in exits)
+    if cfg.exit_loss_weights is not None:  # one per exit, the final layer's last
+        weights = cfg.exit_loss_weights
+        overrides["exit_loss_weights"] = (*(weights[k] for k, _ in exits), weights[-1])
     if len(kept) < cfg.num_layers:
         overrides["name"] = f"{cfg.name}-{len(kept)}of{cfg.num_layers}-layers"
     new = cfg.replace(**overrides)
     for j, i in enumerate(kept):
         before = (cfg.mixer(i), cfg.channel(i), cfg.window(i))
         after = (new.mixer(j), new.channel(j), new.window(j))
-        if before != after:  # a per-layer field this function does not know about
+        if before != after:
             raise ValueError(f"layer {i} (mixer, channel, window) {before} became {after}")
     return new
 
@@ -167,7 +190,8 @@ def drop_layers(model: LM, layers: Sequence[int]) -> LM:
 
     Returns:
       An ``LM`` whose config is ``pruned_config(model.config, layers)`` and whose block ``j``
-      holds a copy of the weights of the ``j``-th kept block of ``model``.
+      holds a copy of the weights of the ``j``-th kept block of ``model``; surviving exit
+      heads keep their weights too.
 
     Raises:
       TypeError / ValueError: not an ``LM``, or bad indices (the message names them).
@@ -175,11 +199,12 @@ def drop_layers(model: LM, layers: Sequence[int]) -> LM:
     cfg = _check_model(model)
     new_cfg = pruned_config(cfg, layers)
     kept = _kept(cfg, layers)
+    exits = _kept_exits(cfg, kept)
     source = dict(nnx.to_flat_state(nnx.state(model)))
     graphdef, state = nnx.split(abstract(new_cfg))
     target = nnx.to_flat_state(state)
     for path, variable in target:
-        src = _source_path(path, kept, cfg, new_cfg)
+        src = _source_path(path, kept, exits)
         if src not in source:
             raise ValueError(
                 f"no weight {'/'.join(map(str, src))} in the model for "
@@ -195,15 +220,12 @@ def drop_layers(model: LM, layers: Sequence[int]) -> LM:
     return nnx.merge(graphdef, nnx.from_flat_state(target))
 
 
-def _source_path(path: tuple, kept: list[int], cfg: ModelConfig, new_cfg: ModelConfig) -> tuple:
+def _source_path(path: tuple, kept: list[int], exits: list[tuple[int, int]]) -> tuple:
     """The original model's path of the pruned model's variable ``path``."""
     if path[0] == "blocks":
         return ("blocks", kept[path[1]], *path[2:])
-    exits, new_exits = getattr(cfg, "exit_layers", None), getattr(new_cfg, "exit_layers", None)
-    if exits and len(path) > 1 and isinstance(path[1], int) and "exit" in str(path[0]):
-        # per-exit modules are listed in exit_layers order: follow each exit's layer
-        old_layer = kept[new_exits[path[1]]]
-        return (path[0], list(exits).index(old_layer), *path[2:])
+    if path[0] == "exits":  # exits/{norms,heads}/<exit index>/...
+        return (*path[:2], exits[path[2]][0], *path[3:])
     return path
 
 
@@ -233,18 +255,12 @@ def _batches(tokens_BT: jax.Array, batch_size: int | None):
     return [tokens_BT[i : i + step] for i in range(0, tokens_BT.shape[0], step)]
 
 
-def _embed(model: LM, tokens_BT):
-    x_BTD = model.embed(tokens_BT)
-    scale = model.config.embed_scale
-    return x_BTD if scale == 1.0 else x_BTD * jnp.asarray(scale, x_BTD.dtype)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _cosine_sums(graphdef, state, tokens_BT):
     """``[L]``: sum over tokens of ``cos(x_i, x_{i+1})`` on the residual stream."""
     model = nnx.merge(graphdef, state)
     segment = Segment.full(*tokens_BT.shape)
-    x_BTD = _embed(model, tokens_BT)
+    x_BTD = model.embed_tokens(tokens_BT)
     sums = []
     for block in model.blocks:
         y_BTD, _, _ = block(x_BTD, segment, None)
@@ -261,11 +277,11 @@ def _nll_sum(graphdef, state, tokens_BT, keep_L):
     skipped (their input passes through unchanged, as if removed)."""
     model = nnx.merge(graphdef, state)
     segment = Segment.full(*tokens_BT.shape)
-    x_BTD = _embed(model, tokens_BT)
+    x_BTD = model.embed_tokens(tokens_BT)
     for i, block in enumerate(model.blocks):
         y_BTD, _, _ = block(x_BTD, segment, None)
         x_BTD = jnp.where(keep_L[i], y_BTD, x_BTD)
-    logits_BTV = model.logits(model.final_norm(x_BTD[:, :-1]))
+    logits_BTV = model.head(x_BTD[:, :-1])
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1).sum()
 
