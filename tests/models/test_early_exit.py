@@ -122,10 +122,8 @@ def test_exit_logits_and_losses_by_hand():
     extra = 2 * cfg.d_model * cfg.vocab_size
     assert models.count_params(sep) == models.count_params(m) + extra
     sep_out = sep(tokens)
-    ref = models.build(cfg.replace(exit_head="separate"), seed=1)
-    x = ref.embed(tokens)
-    x, _, _ = ref.blocks[0](x, seg, None)
-    h = ref.exits.norms[0](x) @ ref.exits.heads[0].kernel[...]
+    x, _, _ = sep.blocks[0](sep.embed(tokens), seg, None)
+    h = sep.exits.norms[0](x) @ sep.exits.heads[0].kernel[...]
     np.testing.assert_allclose(sep_out.exit_logits[0], h, atol=1e-5)
 
 
@@ -151,18 +149,16 @@ def test_decode_exits_match_oracle(model, mode):
     assert len(generate_mod._COMPILED) == n_compiled + 1
     depths = {d for row in mid.exit_depths for d in row[1:]}
     assert len(depths) > 1, depths  # the batch mixes exits
-    for res in (first, mid):
-        for prompt, gen, dep in zip(PROMPTS, res.tokens, res.exit_depths, strict=True):
-            steps = _oracle_logits(model, prompt, gen, dep, mode == "propagate")
-            thr = 0.0 if res is first else t
-            for i, (per_exit, final, d) in enumerate(steps, start=1):
-                exits = model.config.exit_layers
-                used = final if d == model.config.num_layers else per_exit[exits.index(d)]
-                assert int(jnp.argmax(used)) == gen[i]
-                # The recorded exit is the first whose confidence reaches the threshold.
-                conf = [float(jnp.max(jax.nn.softmax(lg))) for lg in per_exit]
-                first_hit = next((e for e, c in zip(exits, conf, strict=True) if c >= thr), None)
-                assert d == (first_hit or model.config.num_layers)
+    for prompt, gen, dep in zip(PROMPTS, mid.tokens, mid.exit_depths, strict=True):
+        steps = _oracle_logits(model, prompt, gen, dep, mode == "propagate")
+        for i, (per_exit, final, d) in enumerate(steps, start=1):
+            exits = model.config.exit_layers
+            used = final if d == model.config.num_layers else per_exit[exits.index(d)]
+            assert int(jnp.argmax(used)) == gen[i]
+            # The recorded exit is the first whose confidence reaches the threshold.
+            conf = [float(jnp.max(jax.nn.softmax(lg))) for lg in per_exit]
+            first_hit = next((e for e, c in zip(exits, conf, strict=True) if c >= t), None)
+            assert d == (first_hit or model.config.num_layers)
 
 
 def test_exit_step_logits_match_oracle(model):
