@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import early_exit
+from models import early_exit, speculative
 from models.sampling import sample
 from partitioning.rules import active_sharding
 
@@ -39,7 +39,8 @@ class GenerateResult:
     ``decode_tokens_per_s`` (generated tokens per decode second), ``tokens_per_s`` (generated
     tokens per second of prefill + decode), ``generated_tokens``, ``decode_steps``,
     ``batch_size``, ``cache_len``; with ``exit_threshold`` set, ``avg_layers`` (mean depth of
-    the exits that produced the decode-step tokens; prefill runs full depth).
+    the exits that produced the decode-step tokens; prefill runs full depth); with
+    ``draft_exit`` set, ``verify_passes`` and ``accepted_per_verify`` (``models.speculative``).
 
     ``exit_depths[i]``: with ``exit_threshold`` set, the depth (blocks run) of the exit that
     produced each token of ``tokens[i]`` (the first, from prefill, is ``num_layers``).
@@ -124,11 +125,13 @@ def _build(
     n_stop,
     chunk,
     exits=None,
+    draft=None,
 ):
     """Compile the prefill and decode functions for one shape bucket.
 
     ``exits``: ``None``, or ``(measure, mode)`` of ``early_exit.exit_step``; the decode
-    function then takes the exit threshold as a traced last argument.
+    function then takes the exit threshold as a traced last argument. ``draft``: ``None``, or
+    ``(exit_index, draft_tokens)`` for self-speculative decoding (``models.speculative``).
     """
     sampling = dict(greedy=greedy, top_k=top_k)
 
@@ -192,6 +195,8 @@ def _build(
         # Returning the state lets XLA update the donated cache.
         return out_BM, steps, state, depth_BM
 
+    if draft is not None:
+        decode = speculative.make_decode(graphdef, batch, max_new, *draft)
     return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
 
 
@@ -209,6 +214,8 @@ def generate(
     exit_threshold: float | None = None,
     exit_measure: str = "confidence",
     exit_state: str = "propagate",
+    draft_exit: int | None = None,
+    draft_tokens: int | None = None,
 ) -> GenerateResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -230,6 +237,10 @@ def generate(
         ``"margin"`` (top-1 minus top-2 probability).
       exit_state: KV of skipped layers: ``"propagate"`` (from the exit hidden state, CALM)
         or ``"recompute"`` (computed on the next pass that reaches them, EE-LLM).
+      draft_exit, draft_tokens: self-speculative greedy decoding (``models.speculative``,
+        LayerSkip): the exit at depth ``draft_exit`` (one of ``exit_layers``) drafts
+        ``draft_tokens`` tokens, the full model verifies them in one pass; same tokens as
+        plain greedy. Adds ``stats["accepted_per_verify"]`` and ``stats["verify_passes"]``.
 
     Returns:
       ``GenerateResult`` with ``.tokens`` and ``.stats``.
@@ -241,11 +252,17 @@ def generate(
     if exit_threshold is not None:
         early_exit.check_exit_options(model, exit_threshold, exit_measure, exit_state)
         exits = (exit_measure, exit_state)
+    draft = None
+    if draft_exit is not None or draft_tokens is not None:
+        draft = speculative.check_options(
+            model, draft_exit, draft_tokens, temperature=temperature, exit_threshold=exit_threshold
+        )
     cfg = model.config
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     prompt_len = min(_bucket(int(lengths.max())), cfg.max_seq_len - max_new_tokens)
-    cache_len = min(-(-(prompt_len + max_new_tokens) // 64) * 64, cfg.max_seq_len)
+    slack = 0 if draft is None else draft[1] + 1  # a verify pass writes past the budget
+    cache_len = min(-(-(prompt_len + max_new_tokens + slack) // 64) * 64, cfg.max_seq_len)
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -263,7 +280,7 @@ def generate(
         top_p is not None and not greedy,
         len(stops),
         prefill_chunk,
-    ) + (() if exits is None else (exits,))
+    ) + (() if exits is None and draft is None else (exits, draft))
     args = (
         params,
         jnp.asarray(tokens),
@@ -326,6 +343,8 @@ def generate(
         "batch_size": batch,
         "cache_len": cache_len,
     }
+    if draft is not None:
+        stats.update(speculative.stats(depth_BM))
     if exits is None:
         return GenerateResult(tokens=results, stats=stats)
     depths = [np.asarray(d)[: len(s)].tolist() for d, s in zip(depth_BM, results, strict=True)]
