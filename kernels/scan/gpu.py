@@ -35,6 +35,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.attention import gpu as attn_gpu
 from kernels.scan import reference
 
+# Lane (per-thread) lowering semantics, pinned: the kernel places every register array itself
+# (``plgpu.load(..., layout=)``, ``layout_cast``, WGMMA row/column vectors). JAX 0.11 made
+# Warpgroup semantics the default, whose layout inference finds no solution for this kernel
+# ("Layout inference failed to find a solution") at lowering time.
+COMPILER_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -162,6 +168,7 @@ def _forward(q_BTGK, k_BTGK, v_BTHV, a_BTH, s0_BHKV, cfg: _Config):
         ),
         grid=(B, H),
         grid_names=("b", "h"),
+        compiler_params=COMPILER_PARAMS,
         interpret=attn_gpu._interpret_params() if cfg.interpret else None,
     )(q_BTGK, k_BTGK, v_BTHV, c_BHNC.reshape(B, H, Tp), c_BHNC[..., -1], s0_BHKV)
 

@@ -3,8 +3,8 @@
 Interpret mode swaps the wgmmas for float32 ``dot_general``s, so these tests check the TMA
 pipeline over chunks, the register-carried state, the decay masks and the output writes
 (forward; gradients go through the jnp chunked form's VJP and are checked too); the wgmma path
-itself is only cross-lowered for CUDA, with hardware shapes (bfloat16, ``C = K = V = 64`` and
-``K = 128``).
+itself is only cross-lowered for CUDA, with hardware shapes (bfloat16, ``C = K = V = 64``,
+``K = 128`` and the Mamba-2 1.3B shape of ``kernels.bench scan``).
 """
 
 import functools
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels import scan
+from kernels.bench import scan as bench_scan
 from kernels.scan import gpu
 from tests.kernels.test_scan import assert_close, check_case, make_inputs
 
@@ -32,13 +33,26 @@ def test_bfloat16_forward():
     assert_close(S, S_want, "bfloat16")
 
 
-@pytest.mark.parametrize("G, K", [(1, 64), (2, 128)])
-def test_lowers_for_cuda_forward_and_backward(G, K):
-    B, T, H, V = 1, 200, 4, 64
+MAMBA2 = bench_scan.SCAN_CASES[0]  # the shape `kernels.bench scan` times on a GPU
+
+
+@pytest.mark.parametrize(
+    "B, T, H, G, K, V",
+    [
+        (1, 200, 4, 1, 64, 64),
+        (1, 200, 4, 2, 128, 64),
+        (MAMBA2.B, MAMBA2.T, MAMBA2.H, MAMBA2.G, MAMBA2.K, MAMBA2.V),
+    ],
+    ids=["G1_K64", "G2_K128", MAMBA2.name],
+)
+def test_lowers_for_cuda_forward_and_backward(B, T, H, G, K, V):
+    """The forward alone (what ``kernels.bench scan`` fwd compiles) and forward + VJP."""
+    if not hasattr(jax, "export"):
+        pytest.skip(f"jax {jax.__version__} has no jax.export: cannot cross-lower for CUDA")
     spec = jax.ShapeDtypeStruct
+    f = functools.partial(gpu.chunked_scan, chunk_size=64)
 
     def fwd_bwd(q, k, v, a):
-        f = functools.partial(gpu.chunked_scan, chunk_size=64)
         (o, S), vjp = jax.vjp(f, q, k, v, a)
         return o, S, *vjp((o, S))
 
@@ -48,11 +62,24 @@ def test_lowers_for_cuda_forward_and_backward(G, K):
         spec((B, T, H, V), jnp.bfloat16),
         spec((B, T, H), jnp.float32),
     ]
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"])(*args)
-    assert "mosaic_gpu" in exported.mlir_module()
-    assert [a.shape for a in exported.out_avals] == [
-        (B, T, H, V), (B, H, K, V), (B, T, G, K), (B, T, G, K), (B, T, H, V), (B, T, H),
-    ]  # fmt: skip
+    outs = [(B, T, H, V), (B, H, K, V)]
+    for fn, want in ((f, outs), (fwd_bwd, outs + [a.shape for a in args])):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+        assert "mosaic_gpu" in exported.mlir_module()
+        assert [a.shape for a in exported.out_avals] == want
+
+
+def test_kernel_pins_lane_lowering_semantics(monkeypatch):
+    """JAX 0.11 made Warpgroup semantics (layout inference) the default, which fails on this
+    kernel; CI runs an older JAX, so check that the kernel asks for Lane semantics itself."""
+    seen = []
+    kernel = gpu.plgpu.kernel
+    monkeypatch.setattr(
+        gpu.plgpu, "kernel", lambda *a, **kw: seen.append(kw["compiler_params"]) or kernel(*a, **kw)
+    )
+    q, k, v, a, s0 = make_inputs(1, 8, 1, 1, 8, 8)
+    jax.eval_shape(functools.partial(gpu.chunked_scan, chunk_size=8, interpret=True), q, k, v, a)
+    assert [p.lowering_semantics for p in seen] == [gpu.plgpu.LoweringSemantics.Lane]
 
 
 def test_hardware_limits_are_errors():
