@@ -25,8 +25,8 @@ Implementations (``impl``):
   ``pallas_tpu`` the Pallas Mosaic TPU kernels (``tpu.py``), on a TPU or with ``interpret``:
                  grid ``(B, H, chunks)``, the state in VMEM across the sequential chunk axis;
                  backward through a reverse-sweep Pallas kernel. ``chunk_size`` a multiple of
-                 8 on a TPU. A decay per key dimension: forward kernel in ``tpu_vector.py``,
-                 backward through the ``xla`` form's VJP. Not yet run on a TPU.
+                 8 on a TPU. A decay per key dimension: forward and backward kernels in
+                 ``tpu_vector.py``. Not yet run on a TPU.
   ``pallas_gpu`` the Pallas Mosaic GPU forward kernel (``gpu.py``, Hopper wgmma), on a GPU or
                  with ``interpret``: one warpgroup per (batch, head) pipelines the chunks with
                  the state in registers; float16/bfloat16, ``chunk_size = 64``, ``K`` and ``V``

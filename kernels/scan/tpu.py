@@ -270,7 +270,7 @@ def chunked_scan(
       q_BTGK, k_BTGK: ``[B, T, G, K]``; v_BTHV: ``[B, T, H, V]``; ``G`` divides ``H``. The
         three are promoted to one dtype for the matmuls.
       log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0``, used in float32; a ``[B, T, H, K]``
-        decay per key dimension goes to ``tpu_vector.chunked_scan`` (Pallas forward only).
+        decay per key dimension goes to ``tpu_vector.chunked_scan``.
       initial_state_BHKV: ``[B, H, K, V]`` or ``None`` (zeros).
       chunk_size: tokens per chunk; ``T`` is zero-padded up to a multiple (``a = 0``, ``k = 0``).
       interpret: run in TPU interpret mode (CPU).

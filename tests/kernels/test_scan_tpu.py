@@ -3,22 +3,45 @@
 Forward outputs, final states and gradients in every input on the cases of ``test_scan``
 (tail chunks, ``G < H``, an initial state, strong and weak decays), each compiled once at XLA
 optimisation level 0; the oracle's results are shared with ``test_scan``. With a decay per key
-dimension (``tpu_vector``, forward kernel; gradients through the jnp form's VJP): chunk 40 on
-``T = 45`` (sub-chunks 16 + 16 + padded 8, a tail chunk), ``G < H``, an initial state, decays
-to ``-20`` per token.
+dimension (``tpu_vector``, forward and backward kernels): chunk 40 on ``T = 45`` (sub-chunks
+16 + 16 + padded 8, a tail chunk), ``G < H``, an initial state, decays to ``-20`` per token;
+chunk 32 (two sub-chunks) with no initial state; chunk 8 (one sub-chunk) on ``T = 20``.
 """
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 
 from kernels import scan
 from kernels.scan import tpu
-from tests.kernels.test_scan import CASES, assert_close, check_case, make_inputs
+from tests.kernels.test_scan import CASES, VECTOR_CASES, assert_close, check_case, make_inputs
 
 
-@pytest.mark.parametrize("name", [*CASES, "vector_tail_chunk_gqa"])
+@pytest.mark.parametrize("name", [*CASES, *VECTOR_CASES])
 def test_forward_and_gradients_match_naive(name):
     check_case(name, "pallas_tpu", interpret=True)
+
+
+def _pallas_call_names(jaxpr):
+    names = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            names.append(str(eqn.params["name"]))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names += _pallas_call_names(sub)
+    return names
+
+
+def test_vector_decay_gradients_come_from_the_backward_kernel():
+    q, k, v, a, s0 = make_inputs(1, 8, 1, 1, 8, 8, vector=True)
+
+    def loss(q, k, v, a, s0):
+        o, S = tpu.chunked_scan(q, k, v, a, s0, chunk_size=8, interpret=True)
+        return jnp.sum(o) + jnp.sum(S)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, a, s0)
+    assert _pallas_call_names(jaxpr.jaxpr) == ["chunked_scan_vector_fwd", "chunked_scan_vector_bwd"]
 
 
 def test_bfloat16_forward():
