@@ -14,9 +14,11 @@ with tokens sorted by expert. Implementations (``impl``):
   ``pallas_gpu`` the Pallas Mosaic GPU kernel (``gpu.py``, Hopper), on a GPU or with
                  ``interpret``: one program per output tile pipelines its row tile's groups;
                  ``dx`` through the kernel, ``dw`` through XLA's ``ragged_dot`` transpose.
-                 ``block_sizes`` takes a ``gpu.BlockSizes``. Not yet run on a GPU.
-  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla`` (also on GPUs, until the GPU
-                 kernel is measured faster there).
+                 ``block_sizes`` takes a ``gpu.BlockSizes``.
+  ``auto``       ``pallas_tpu`` on a TPU backend; ``pallas_gpu`` on a Hopper GPU for bfloat16
+                 / float16 inputs (on an H100 it ran the forward 2.5x (Mixtral) and 10.9x
+                 (64 fine-grained experts) faster than ``xla`` and ``ragged_dot``, and its
+                 backward 1.4-1.8x faster than ``xla``'s; README, 2026-11-27); else ``xla``.
 
 Example::
 
@@ -59,6 +61,16 @@ def _check(x_MK, w_EKN, group_sizes_E):
         raise ValueError(f"group_sizes must be integers, got {group_sizes_E.dtype}")
 
 
+def _auto(dtype) -> str:
+    from kernels.attention import _is_hopper
+
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "pallas_tpu"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "pallas_gpu" if backend == "gpu" and half and _is_hopper() else "xla"
+
+
 @functools.partial(jax.jit, static_argnames=("impl", "interpret", "block_sizes"))
 def grouped_matmul(
     x_MK,
@@ -88,7 +100,7 @@ def grouped_matmul(
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_matmul impl {impl!r}; valid: {list(IMPLS)}")
     if impl == "auto":
-        impl = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+        impl = _auto(jnp.result_type(x_MK.dtype, w_EKN.dtype))
     if impl in _PALLAS:
         backend = _PALLAS[impl]
         if jax.default_backend() != backend and not interpret:

@@ -277,3 +277,22 @@ def test_lowers_to_mosaic(dtype):
     traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w, sizes)
     hlo = traced.lower(lowering_platforms=("tpu",)).as_text()
     assert hlo.count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize(
+    ("backend", "hopper", "dtype", "want"),
+    [
+        ("tpu", False, jnp.float32, "pallas_tpu"),
+        ("gpu", True, jnp.bfloat16, "pallas_gpu"),
+        ("gpu", True, jnp.float32, "xla"),
+        ("gpu", False, jnp.bfloat16, "xla"),
+        ("cpu", False, jnp.bfloat16, "xla"),
+    ],
+)
+def test_auto_picks_the_measured_winner(monkeypatch, backend, hopper, dtype, want):
+    import kernels.attention
+    import kernels.moe
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(kernels.attention, "_is_hopper", lambda: hopper)
+    assert kernels.moe._auto(dtype) == want
