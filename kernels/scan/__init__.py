@@ -31,9 +31,12 @@ Implementations (``impl``):
                  with ``interpret``: one warpgroup per (batch, head) pipelines the chunks with
                  the state in registers; float16/bfloat16, ``chunk_size = 64``, ``K`` and ``V``
                  multiples of 64 on the GPU; backward through the ``xla`` form's VJP; no
-                 decay per key dimension yet (an error). Not yet run on a GPU.
-  ``auto``       ``pallas_tpu`` on a TPU backend, else ``xla`` (also on GPUs, until the GPU
-                 kernel is measured faster there).
+                 decay per key dimension yet (an error). On an H100 its forward ran the
+                 Mamba-2 1.3B shape 10.6x faster than ``xla`` (README, 2026-11-27).
+  ``auto``       ``pallas_tpu`` on a TPU backend; ``pallas_gpu`` on a Hopper GPU when its
+                 limits hold (float16/bfloat16, ``K`` and ``V`` multiples of 64, one decay per
+                 head), in chunks of 64 whatever ``chunk_size`` asks (the chunking changes
+                 only the rounding); else ``xla``.
 
 All paths accumulate in float32; differentiable in every argument but ``chunk_size``.
 
@@ -94,12 +97,27 @@ def _check(q, k, v, log_decay, chunk_size, initial_state):
             raise ValueError(f"initial_state must be floating point, got {initial_state.dtype}")
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, q_BTGK=None, v_BTHV=None, log_decay=None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown chunked_scan impl {impl!r}; valid: {list(IMPLS)}")
     if impl == "auto":
-        return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+        backend = jax.default_backend()
+        if backend == "tpu":
+            return "pallas_tpu"
+        if backend == "gpu" and q_BTGK is not None and _gpu_fits(q_BTGK, v_BTHV, log_decay):
+            return "pallas_gpu"
+        return "xla"
     return impl
+
+
+def _gpu_fits(q_BTGK, v_BTHV, log_decay) -> bool:
+    """The GPU kernel's limits, for ``auto`` (``gpu.chunked_scan`` raises on the rest)."""
+    from kernels.attention import _is_hopper
+
+    half = (jnp.bfloat16, jnp.float16)
+    dims = q_BTGK.shape[-1] % 64 == 0 and v_BTHV.shape[-1] % 64 == 0
+    dtypes = q_BTGK.dtype in half and v_BTHV.dtype == q_BTGK.dtype
+    return dims and dtypes and log_decay.ndim == 3 and _is_hopper()
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "impl", "interpret"))
@@ -136,6 +154,9 @@ def chunked_scan(
       in float32.
     """
     _check(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, chunk_size, initial_state_BHKV)
+    if impl == "auto":
+        impl = _resolve_impl(impl, q_BTGK, v_BTHV, log_decay_BTH)
+        chunk_size = 64 if impl == "pallas_gpu" else chunk_size
     impl = _resolve_impl(impl)
     args = (q_BTGK, k_BTGK, v_BTHV, log_decay_BTH.astype(jnp.float32))
     if initial_state_BHKV is not None:

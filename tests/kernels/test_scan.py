@@ -248,3 +248,26 @@ def test_errors_name_the_values(change, match):
             impl=args["impl"],
             interpret=args["interpret"],
         )
+
+
+@pytest.mark.parametrize(
+    ("backend", "hopper", "dtype", "K", "vector", "want"),
+    [
+        ("tpu", False, jnp.float32, 16, False, "pallas_tpu"),
+        ("gpu", True, jnp.bfloat16, 128, False, "pallas_gpu"),
+        ("gpu", True, jnp.float32, 128, False, "xla"),
+        ("gpu", True, jnp.bfloat16, 96, False, "xla"),
+        ("gpu", True, jnp.bfloat16, 128, True, "xla"),
+        ("gpu", False, jnp.bfloat16, 128, False, "xla"),
+        ("cpu", False, jnp.bfloat16, 128, False, "xla"),
+    ],
+)
+def test_auto_picks_the_measured_winner(monkeypatch, backend, hopper, dtype, K, vector, want):
+    import kernels.attention
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(kernels.attention, "_is_hopper", lambda: hopper)
+    q = jnp.zeros((1, 8, 1, K), dtype)
+    v = jnp.zeros((1, 8, 2, 64), dtype)
+    decay = jnp.zeros((1, 8, 2, K) if vector else (1, 8, 2), jnp.float32)
+    assert scan._resolve_impl("auto", q, v, decay) == want
