@@ -43,6 +43,13 @@ def markdown(results: dict) -> str:
         lines.append("")
     for s in results.get("skipped", []):
         lines.append(f"- skipped `{s['family']}`: {s['reason']}")
+    if "train_seconds_all_runs" in results:
+        lines += [
+            "",
+            f"Training (with compilation and scoring) {results['train_seconds_all_runs']:,.0f} s "
+            f"over all runs; this invocation {results['seconds_this_invocation']:,.0f} s "
+            f"wall-clock ({results['date']}).",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 

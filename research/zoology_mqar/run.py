@@ -93,10 +93,20 @@ def run_name(family: str, width: int) -> str:
     return f"{family}_d{width}"
 
 
+def task_index(study: StudyConfig, step: int) -> int:
+    """Which of ``study.train_tasks`` step ``step`` trains on: the first during the
+    curriculum, then each in turn."""
+    if step < study.curriculum_steps:
+        return 0
+    return (step - study.curriculum_steps) % len(study.train_tasks)
+
+
 def fit(study: StudyConfig, cfg: TrainConfig, bar: Progress, done_steps: int, log_file):
-    """Train ``cfg``'s model from scratch on the MQAR mixture ``study.train_tasks`` (step
-    ``s`` draws a batch of task ``s % len(train_tasks)``, as Zoology trains one model on
-    several sequence lengths) with ``experiments.trainer``'s optimizer and jitted steps, then
+    """Train ``cfg``'s model from scratch on the MQAR mixture ``study.train_tasks`` (the
+    first ``study.curriculum_steps`` steps on ``train_tasks[0]``, then one task per step in
+    turn, as Zoology trains one model on several sequence lengths; each task's stream has its
+    own seed and step ``s`` takes its batch ``s``) with ``experiments.trainer``'s optimizer
+    and jitted steps, then
     score it on every task of ``study.tasks``. No checkpoints: a run lasts seconds to a minute
     and a finished run's ``result.json`` is what a rerun keeps.
 
@@ -115,7 +125,7 @@ def fit(study: StudyConfig, cfg: TrainConfig, bar: Progress, done_steps: int, lo
     k = len(train_sets)
     with epath.Path(log_file).open("w") as log:
         for step in range(cfg.steps):
-            batch = train_sets[step % k].batch(step // k)
+            batch = train_sets[task_index(study, step)].batch(step)
             params, opt_state, metrics = train_step(params, opt_state, rest, batch)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 loss = float(metrics["loss"])
@@ -167,6 +177,7 @@ def _settings(study: StudyConfig, cfg: TrainConfig) -> dict:
             {
                 "train_config": cfg.to_dict(),
                 "train_tasks": [dataclasses.asdict(t) for t in study.train_tasks],
+                "curriculum_steps": study.curriculum_steps,
                 "tasks": [dataclasses.asdict(t) for t in study.tasks],
             }
         )
@@ -216,7 +227,12 @@ def run_study(study: StudyConfig, workdir, *, progress: bool = True) -> dict:
             "config": json.loads(json.dumps(dataclasses.asdict(study))),
             "runs": sorted(records, key=lambda r: _order(study, r)),
             "skipped": skipped,
+            # Compilation, training, scoring and reports of the runs this command trained.
             "seconds_this_invocation": time.perf_counter() - started,
+            # Training loops of every run in the table, whichever invocation trained it.
+            "train_seconds_all_runs": sum(
+                {(r["family"], r["width"]): r["train_seconds"] for r in records}.values()
+            ),
         }
 
     try:
@@ -259,6 +275,10 @@ def main(argv):
     study = configs.get_config("smoke" if FLAGS.smoke else "")
     results = run_study(study, FLAGS.workdir)
     print(report.markdown(results))
+    print(
+        f"wall time {results['seconds_this_invocation']:.0f} s this invocation; "
+        f"training {results['train_seconds_all_runs']:.0f} s over all runs"
+    )
 
 
 if __name__ == "__main__":

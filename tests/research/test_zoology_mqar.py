@@ -28,6 +28,21 @@ def test_missing_family_is_skipped(monkeypatch):
     assert "no-such-preset" in configs.available(ghost)
 
 
+def test_curriculum_then_each_task_in_turn():
+    tasks = (configs.Task(16, 2), configs.Task(32, 4), configs.Task(64, 8))
+    study = configs.StudyConfig(train_tasks=tasks, steps=10, curriculum_steps=4)
+    assert [run.task_index(study, s) for s in range(10)] == [0, 0, 0, 0, 0, 1, 2, 0, 1, 2]
+
+
+def test_study_config_rejects_bad_curriculum_and_lr_names():
+    with pytest.raises(ValueError, match="curriculum_steps"):
+        configs.StudyConfig(steps=10, curriculum_steps=11)
+    with pytest.raises(ValueError, match="valid"):
+        configs.StudyConfig(lrs=(("transformer", 1e-3),))
+    study = configs.StudyConfig(lrs=(("gla", 1e-2),), default_lr=3e-3)
+    assert (study.lr("gla"), study.lr("attention")) == (1e-2, 3e-3)
+
+
 @pytest.mark.slow
 def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
     study = configs.get_config("smoke")
@@ -44,10 +59,15 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == study.steps
         assert r["params"] > r["non_embedding_params"] > 0
 
+    per_run = {(r["family"], r["width"]): r["train_seconds"] for r in results["runs"]}
+    assert results["train_seconds_all_runs"] == pytest.approx(sum(per_run.values()))
+    assert results["seconds_this_invocation"] >= results["train_seconds_all_runs"] > 0
+
     on_disk = json.loads((tmp_path / report.RESULTS_JSON).read_text())
     assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
     table = (tmp_path / report.RESULTS_MD).read_text()
     assert table.count("| attention |") == len(study.widths) * len(study.tasks)
+    assert "s over all runs" in table
     assert (tmp_path / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     by_cell = {(r["family"], r["width"], r["seq_len"]): r for r in results["runs"]}
