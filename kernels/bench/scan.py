@@ -7,9 +7,13 @@ token-by-token ``lax.scan`` oracle (``impl="reference"``), in the same process.
 
 The default case is one Mamba-2 1.3B mixer layer's scan (Dao & Gu, arXiv:2405.21060: d_model
 2048, expand 2, head dim 64 -> 64 heads, d_state 128, one B/C group) over a 4096-token batch of
-8: B8 T4096 H64 G1 K128 V64, chunk 64. Inputs are drawn by numpy (no compile): q standard
-normal, k standard normal / sqrt(K), v standard normal in ``--dtype``, and a float32
-``log_decay = -softplus(N(0, 1))`` (as ``dt * A`` is kept in float32).
+8: B8 T4096 H64 G1 K128 V64, chunk 64. The second case is a gated-linear-attention scan (Yang
+et al., arXiv:2312.06635) with one decay per key dimension (``log_decay [B, T, H, K]``):
+B16 T2048 H8 G8 K128 V128, chunk 64; heads of ``K = V = 128`` (a ``[128, 128]`` float32 state
+in one warpgroup's registers in the GPU kernel), 128 (batch, head) programs for the H100's 132
+SMs. Inputs are drawn by numpy (no compile): q standard normal, k standard normal / sqrt(K), v
+standard normal in ``--dtype``, and a float32 ``log_decay = -softplus(N(0, 1))`` (as ``dt * A``
+is kept in float32), ``[B, T, H, K]`` for a ``vector`` case.
 
 Records: the ``ScanCase`` fields, ``pass`` (``fwd`` / ``bwd``), ``impl``, ``dtype``,
 ``device``, ``backend``, ``jax``, ``seconds`` (``time_call``), ``tokens_per_s``
@@ -47,7 +51,8 @@ from kernels.bench.common import (
 
 @dataclasses.dataclass(frozen=True)
 class ScanCase:
-    """One scan: q, k ``[B, T, G, K]``, v ``[B, T, H, V]``, log_decay ``[B, T, H]``."""
+    """One scan: q, k ``[B, T, G, K]``, v ``[B, T, H, V]``, log_decay ``[B, T, H]`` (or
+    ``[B, T, H, K]`` with ``vector``: one decay per key dimension)."""
 
     name: str
     B: int
@@ -57,9 +62,13 @@ class ScanCase:
     K: int
     V: int
     chunk: int
+    vector: bool = False
 
 
-SCAN_CASES = [ScanCase("mamba2_1.3b", B=8, T=4096, H=64, G=1, K=128, V=64, chunk=64)]
+SCAN_CASES = [
+    ScanCase("mamba2_1.3b", B=8, T=4096, H=64, G=1, K=128, V=64, chunk=64),
+    ScanCase("gla_k128_v128", B=16, T=2048, H=8, G=8, K=128, V=128, chunk=64, vector=True),
+]
 # T not a multiple of the chunk: the tail chunk is padded. K, V, chunk meet the GPU kernel's 64s.
 SMALL_SCAN_CASES = [ScanCase("small", B=2, T=200, H=4, G=1, K=64, V=64, chunk=64)]
 
@@ -82,7 +91,7 @@ def _scan_inputs(case: ScanCase, dtype, seed: int = 0):
     q = draw(case.B, case.T, case.G, case.K)
     k = draw(case.B, case.T, case.G, case.K) / np.sqrt(case.K)
     v = draw(case.B, case.T, case.H, case.V)
-    a = -np.logaddexp(0.0, draw(case.B, case.T, case.H))
+    a = -np.logaddexp(0.0, draw(case.B, case.T, case.H, *(case.K,) * case.vector))
     return (*(jnp.asarray(x.astype(dtype)) for x in (q, k, v)), jnp.asarray(a, jnp.float32))
 
 

@@ -30,13 +30,15 @@ Implementations (``impl``):
   ``pallas_gpu`` the Pallas Mosaic GPU forward kernel (``gpu.py``, Hopper wgmma), on a GPU or
                  with ``interpret``: one warpgroup per (batch, head) pipelines the chunks with
                  the state in registers; float16/bfloat16, ``chunk_size = 64``, ``K`` and ``V``
-                 multiples of 64 on the GPU; backward through the ``xla`` form's VJP; no
-                 decay per key dimension yet (an error). On an H100 its forward ran the
-                 Mamba-2 1.3B shape 10.6x faster than ``xla`` (README, 2026-11-27).
+                 multiples of 64 on the GPU; backward through the ``xla`` form's VJP. On an
+                 H100 its forward ran the Mamba-2 1.3B shape 10.6x faster than ``xla``
+                 (README, 2026-11-27). A decay per key dimension (``gpu_vector.py``): the
+                 intra-chunk scores in XLA (float32, GLA's sub-chunks), the kernel does the
+                 matmuls with ``v`` and carries the state; same limits; not yet run on a GPU.
   ``auto``       ``pallas_tpu`` on a TPU backend; ``pallas_gpu`` on a Hopper GPU when its
                  limits hold (float16/bfloat16, ``K`` and ``V`` multiples of 64, one decay per
-                 head), in chunks of 64 whatever ``chunk_size`` asks (the chunking changes
-                 only the rounding); else ``xla``.
+                 head: the per-key form has not run on a GPU), in chunks of 64 whatever
+                 ``chunk_size`` asks (the chunking changes only the rounding); else ``xla``.
 
 All paths accumulate in float32; differentiable in every argument but ``chunk_size``.
 
@@ -142,7 +144,7 @@ def chunked_scan(
         ``g * H // G .. (g + 1) * H // G - 1``.
       v_BTHV: ``[B, T, H, V]`` values.
       log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0`` (computed in float32), or
-        ``[B, T, H, K]``: one per key dimension (not supported by ``pallas_gpu`` yet).
+        ``[B, T, H, K]``: one per key dimension.
       chunk_size: tokens per chunk (``T`` need not be a multiple; ignored by ``reference``).
       initial_state_BHKV: ``[B, H, K, V]`` state before token 0, or ``None`` for zeros.
       impl: ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``

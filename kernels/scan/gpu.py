@@ -12,7 +12,9 @@ tokens, carrying the ``[K, V]`` float32 state in registers (WGMMA layout). Per c
 with ``L = exp(c_t - c_s)`` on ``s <= t`` (exponent masked first) and ``w = exp(c_last - c)``.
 Every wgmma operand pair shares a 128-byte swizzle, so on the GPU ``K`` and ``V`` are
 multiples of 64 and the inputs float16/bfloat16. The backward is the VJP of the jnp chunked
-form (``reference.chunked_scan``) inside a ``custom_vjp``.
+form (``reference.chunked_scan``) inside a ``custom_vjp``. A decay per key dimension
+(``log_decay [B, T, H, K]``, gated linear attention) runs ``gpu_vector.py`` behind the same
+entry point, limits and backward.
 
 Interpret mode (CPU) swaps the wgmmas for float32 ``dot_general``s and skips layout casts, as
 ``kernels.attention.gpu`` does; there float32 inputs and other ``K``/``V`` are allowed.
@@ -156,7 +158,12 @@ def _kernel(q_ref, k_ref, v_ref, c_ref, clast_ref, s0_ref, o_ref, sT_ref, *, cfg
 
 
 def _forward(q_BTGK, k_BTGK, v_BTHV, a_BTH, s0_BHKV, cfg: _Config):
-    """Padded inputs (``T`` a multiple of the chunk) -> ``(o [B, Tp, H, V], S [B, H, K, V])``."""
+    """Padded inputs (``T`` a multiple of the chunk) -> ``(o [B, Tp, H, V], S [B, H, K, V])``;
+    a ``[B, Tp, H, K]`` decay goes to ``gpu_vector.forward``."""
+    if a_BTH.ndim == 4:
+        from kernels.scan import gpu_vector  # it imports this module
+
+        return gpu_vector.forward(q_BTGK, k_BTGK, v_BTHV, a_BTH, s0_BHKV, cfg)
     (B, Tp, G, K), (H, V), C = q_BTGK.shape, v_BTHV.shape[2:], cfg.chunk_size
     c_BHNC = jnp.cumsum(jnp.moveaxis(a_BTH, 1, 2).reshape(B, H, Tp // C, C), axis=-1)
     kernel = functools.partial(_kernel, cfg=cfg, R=H // G)
@@ -209,7 +216,8 @@ def chunked_scan(
     Args:
       q_BTGK, k_BTGK: ``[B, T, G, K]``; v_BTHV: ``[B, T, H, V]``; ``G`` divides ``H``;
         promoted to one dtype, float16/bfloat16 with ``K`` and ``V`` multiples of 64 on the GPU.
-      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0``, used in float32.
+      log_decay_BTH: ``[B, T, H]`` finite ``a_t <= 0``, used in float32; or ``[B, T, H, K]``,
+        one per key dimension (``gpu_vector.py``).
       initial_state_BHKV: ``[B, H, K, V]`` or ``None`` (zeros).
       chunk_size: 64 on the GPU; ``T`` is zero-padded up to a multiple (``a = 0``, ``k = 0``).
       num_stages: TMA pipeline depth (chunks in flight).
@@ -218,11 +226,6 @@ def chunked_scan(
     Returns:
       ``(o_BTHV, final_state_BHKV)``: ``o`` in ``v``'s dtype, the state in float32.
     """
-    if log_decay_BTH.ndim == 4:
-        raise ValueError(
-            "vector decay (log_decay [B, T, H, K]) not supported by the GPU kernel yet; "
-            "use impl='xla'"
-        )
     cfg = _Config(chunk_size=chunk_size, num_stages=num_stages, interpret=bool(interpret))
     B, T, G, K = q_BTGK.shape
     H, V = v_BTHV.shape[2:]
