@@ -45,15 +45,18 @@ def test_dropless_matches_dense_forward_and_gradients(shape):
     def ep(x, weights, g, u, d):
         return expert_parallel_ffn(x, ids, weights, g, u, d, mesh=mesh, data_axis=data)
 
-    y, dropped = jax.jit(ep)(x, weights, g, u, d)
-    np.testing.assert_allclose(y, _dense(x, ids, weights, g, u, d), atol=TOL, rtol=TOL)
-    assert int(dropped) == 0
-
     def loss(fn):
         return lambda *a: jnp.sum(jnp.sin(fn(*a)))
 
+    @jax.jit  # forward and gradients in one compile
+    def ep_and_grad(*args):
+        return ep(*args), jax.grad(loss(lambda *a: ep(*a)[0]), argnums=range(5))(*args)
+
     args = (x, weights, g, u, d)
-    got = jax.jit(jax.grad(loss(lambda *a: ep(*a)[0]), argnums=range(5)))(*args)
+    (y, dropped), got = ep_and_grad(*args)
+    np.testing.assert_allclose(y, _dense(x, ids, weights, g, u, d), atol=TOL, rtol=TOL)
+    assert int(dropped) == 0
+
     want = jax.grad(loss(lambda x, w, g, u, d: _dense(x, ids, w, g, u, d)), argnums=range(5))(*args)
     for name, a, b in zip(("x", "weights", "gate", "up", "down"), got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL, err_msg=name)
@@ -71,9 +74,11 @@ def test_capacity_drops_exactly_the_closed_form_count():
     local = np.arange(T) % t
     ids = np.stack([local % 3, np.full(T, 7)], axis=1)
     for C in (1, 2, 3):
-        y, dropped = expert_parallel_ffn(
-            x, jnp.asarray(ids), weights, g, u, d, mesh=mesh, data_axis="data", capacity=C
+        # Jitted: one compile per capacity instead of op-by-op eager shard_map dispatch.
+        ep = jax.jit(
+            lambda *a, C=C: expert_parallel_ffn(*a, mesh=mesh, data_axis="data", capacity=C)
         )
+        y, dropped = ep(x, jnp.asarray(ids), weights, g, u, d)
         per_device = max(0, 3 - C) + max(0, 1 - C) + max(0, 4 - C)
         assert int(dropped) == 8 * per_device
         # Slot of each assignment in its destination shard: tokens 0, 1, 3 fill shard 0 and
