@@ -16,9 +16,10 @@ Split of the work:
       query's sub-chunk (``exp(c_t - r)``, ``exp(r - c_s)`` both ``<= 1``); a diagonal block is
       computed pairwise over ``d`` (``[16, 16, K]``, exponent masked before ``exp``).
   kernel (one warpgroup per (batch, head), TMA pipeline over chunks of ``C = 64``, the
-      ``[K, V]`` float32 state carried in registers): the three wgmmas ``A v``,
-      ``(q exp(c)) S`` (``S`` staged to SMEM in the input dtype) and ``(k w)^T v``, and the
-      per-row state decay ``diag(exp(c_last)) S``.
+      ``[K, V]`` float32 state carried in registers): the wgmmas ``A v + (q exp(c)) S`` (one
+      accumulator; ``S`` staged to SMEM in the input dtype) and ``(k w)^T v`` accumulated
+      onto the per-row decayed state ``diag(exp(c_last)) S`` (an initialised accumulator, so
+      ``K = V = 128`` holds one ``[128, 128]`` float32 tile of state, not two).
 
 ``A`` reaches the kernel in the input dtype (the scalar kernel casts its ``P`` the same way),
 as ``[B, T, H, C]`` rows. Moving the scores into the kernel (per-sub-chunk rescaled tiles in
@@ -65,9 +66,34 @@ def intra_chunk_scores(q_BNHCK, k_BNHCK, c_BNHCK, Cs: int):
     tri = jnp.tril(jnp.ones((Cs, Cs), bool))[:, :, None]
     diff = c_I[..., :, None, :] - c_I[..., None, :, :]
     decay_BNHITSK = jnp.where(tri, jnp.exp(jnp.where(tri, diff, 0.0)), 0.0)
-    diag_BNHITS = jnp.einsum("bnhitk,bnhisk,bnhitsk->bnhits", q_I, k_I, decay_BNHITSK)
+    # Elementwise then a sum over d (not an einsum), which XLA may fuse into the reduction.
+    qk_BNHITSK = q_I[..., :, None, :] * k_I[..., None, :, :]
+    diag_BNHITS = jnp.sum(qk_BNHITSK * decay_BNHITSK, axis=-1)
     A_BNHIJS += jnp.einsum("bnhits,ij->bnhitjs", diag_BNHITS, jnp.eye(Ns)).reshape(A_BNHIJS.shape)
     return A_BNHIJS.reshape(B, N, H, C, C)
+
+
+def _mma(products, shape, init=None, *, interpreting: bool):
+    """``init + sum(op(a) @ op(b))`` in float32 over ``products`` of ``(a, b, ta)`` SMEM refs
+    (``ta``: ``a`` read transposed), chained into one wgmma accumulator: no extra registers
+    for a second accumulator or an ``init`` held beside it."""
+    if interpreting:
+        dims = lambda ta: (((0 if ta else 1,), (0,)), ((), ()))  # noqa: E731
+        out = [
+            jax.lax.dot_general(a[...], b[...], dims(ta), preferred_element_type=jnp.float32)
+            for a, b, ta in products
+        ]
+        return sum(out[1:], out[0] if init is None else init + out[0])
+
+    def mma(acc_ref):
+        for a, b, ta in products:
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)) if ta else a, b)
+
+    if init is not None:  # a preinitialised accumulator needs run_state (it returns the ref)
+        return pl.run_state(mma)(plgpu.ACC.init(init))
+    return pl.run_scoped(
+        lambda acc_ref: mma(acc_ref) or acc_ref[...], plgpu.ACC(shape, jnp.float32)
+    )
 
 
 def _kernel(p_ref, qe_ref, kw_ref, v_ref, e_ref, s0_ref, o_ref, sT_ref, *, cfg: gpu._Config):
@@ -77,7 +103,7 @@ def _kernel(p_ref, qe_ref, kw_ref, v_ref, e_ref, s0_ref, o_ref, sT_ref, *, cfg: 
     b, h = jax.lax.axis_index("b"), jax.lax.axis_index("h")
     C, K, V = cfg.chunk_size, qe_ref.shape[3], v_ref.shape[3]
     dtype = qe_ref.dtype
-    mm = functools.partial(gpu._mm, interpreting=interpreting)
+    mma = functools.partial(_mma, interpreting=interpreting)
 
     def load(ref, layout):
         return ref[...] if interpreting else plgpu.load(ref, (), layout=layout)
@@ -98,8 +124,8 @@ def _kernel(p_ref, qe_ref, kw_ref, v_ref, e_ref, s0_ref, o_ref, sT_ref, *, cfg: 
             e = jax.lax.broadcast_in_dim(load(e_smem, ROW), (K, V), (0,))
             s_smem[...] = S.astype(dtype)
             plgpu.commit_smem()
-            o = mm(p_smem, v_smem) + mm(qe_smem, s_smem)
-            S = e * S + mm(kw_smem, v_smem, ta=True)
+            o = mma([(p_smem, v_smem, False), (qe_smem, s_smem, False)], (C, V))
+            S = mma([(kw_smem, v_smem, True)], (K, V), init=e * S)  # the decayed state
             plgpu.wait_smem_to_gmem(0)  # the previous chunk's output has left o_smem
             o_smem[...] = o.astype(o_smem.dtype)
             plgpu.commit_smem()
