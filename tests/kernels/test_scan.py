@@ -213,10 +213,6 @@ def test_auto_is_xla_off_tpu(monkeypatch):
             r"\(B, T, H, K\) = \(1, 8, 2, 4\); got .*log_decay\(1, 8, 2, 5\)",
         ),
         (dict(a=jnp.zeros((1, 8, 2, 4, 1))), r"log_decay \[B, T, H\] or \[B, T, H, K\]"),
-        (
-            dict(a=jnp.zeros((1, 8, 2, 4)), impl="pallas_gpu", interpret=True),
-            "vector decay .* not supported by the GPU kernel yet; use impl='xla'",
-        ),
         (dict(chunk_size=0), "chunk_size must be a positive int, got 0"),
         (dict(s0=jnp.zeros((1, 2, 4, 5))), r"\(B, H, K, V\) = \(1, 2, 4, 4\); got \(1, 2, 4, 5\)"),
         (dict(impl="cuda"), r"unknown chunked_scan impl 'cuda'; valid: \['auto', 'reference'"),
