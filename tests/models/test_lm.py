@@ -1,5 +1,7 @@
 """The layer stack and its decode state: cached decoding equals the full forward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,23 @@ def test_bad_inputs_get_clear_errors():
         models.generate(model, [[1], []], max_new_tokens=2)
 
 
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+@functools.cache
+def _reference_attention_run(window):
+    """The reference-attention model's config, tokens, logits and greedy tokens, computed once
+    per ``window`` and shared by every implementation compared against it."""
+    # head_dim 64: the Mosaic GPU kernels tile heads in multiples of 64.
+    cfg = models.get_config(
+        "dense-tiny", head_dim=64, sliding_window=window, attention_impl="reference"
+    )
+    ref = models.build(cfg, seed=0)
+    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
+    want_tokens = models.generate(ref, PROMPTS, max_new_tokens=8).tokens
+    return cfg, tokens, np.asarray(ref(tokens)), want_tokens
+
+
 @pytest.mark.parametrize(
     "impl, interpret",
     [("xla", False), ("pallas_tpu", True), ("pallas_gpu", True)],
@@ -209,14 +228,7 @@ def test_attention_impls_equal_reference_model(impl, interpret, window):
     """The model through each attention implementation that runs on CPU (the Pallas TPU and
     Mosaic GPU kernels in interpret mode) gives the reference implementation's logits and
     greedy tokens: full forward (flash attention) and ragged prefill + decode (decode kernel)."""
-    # head_dim 64: the Mosaic GPU kernels tile heads in multiples of 64.
-    cfg = models.get_config(
-        "dense-tiny", head_dim=64, sliding_window=window, attention_impl="reference"
-    )
-    ref = models.build(cfg, seed=0)
+    cfg, tokens, want_logits, want_tokens = _reference_attention_run(window)
     other = models.build(cfg.replace(attention_impl=impl, attention_interpret=interpret), seed=0)
-    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
-    np.testing.assert_allclose(np.asarray(other(tokens)), np.asarray(ref(tokens)), atol=1e-5)
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
-    want = models.generate(ref, prompts, max_new_tokens=8).tokens
-    assert models.generate(other, prompts, max_new_tokens=8).tokens == want
+    np.testing.assert_allclose(np.asarray(other(tokens)), want_logits, atol=1e-5)
+    assert models.generate(other, PROMPTS, max_new_tokens=8).tokens == want_tokens
