@@ -68,12 +68,17 @@ def test_chunk_append_equals_full_forward():
     full = np.asarray(model(jnp.asarray(seqs)))
     state = model.init_state(2, 16)
     lens = np.array([4, 2], np.int32)
-    _, state = model.step(jnp.asarray(seqs[:, :4]), state, num_new_B=jnp.asarray(lens), fresh=True)
+    # Jitted: one compile per call shape instead of op-by-op dispatch (eager is checked by
+    # test_jit_equals_eager_and_causality).
+    step = nnx.jit(
+        lambda m, t, s, n, fresh: m.step(t, s, num_new_B=n, fresh=fresh), static_argnums=4
+    )
+    _, state = step(model, jnp.asarray(seqs[:, :4]), state, jnp.asarray(lens), True)
     chunk = np.zeros((2, 5), np.int32)
     new = np.array([5, 3], np.int32)
     for b in range(2):
         chunk[b, : new[b]] = seqs[b, lens[b] : lens[b] + new[b]]
-    logits, state = model.step(jnp.asarray(chunk), state, num_new_B=jnp.asarray(new))
+    logits, state = step(model, jnp.asarray(chunk), state, jnp.asarray(new), False)
     for b in range(2):
         np.testing.assert_allclose(
             np.asarray(logits[b, : new[b]]),
