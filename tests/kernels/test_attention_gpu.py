@@ -106,7 +106,7 @@ def test_gradients_through_the_dispatcher_match_reference():
         loss = lambda q, k, v: jnp.sum(
             attn.attention(q, k, v, lengths=lengths, softcap=8.0, impl=impl, **kw) * do
         )
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     for got, want in zip(grads("pallas_gpu", interpret=True), grads("reference"), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
