@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models.configs import ModelConfig
-from models.layers import Einsum, make_norm
+from models.layers import make_norm
 from models.moe import combine_aux
 from models.state import DecodeState, Segment
 
@@ -48,10 +48,11 @@ _RECOMPUTE_WINDOW = 16  # most tokens one deferred-recomputation chunk holds
 
 
 class ExitHeads(nnx.Module):
-    """One norm per exit, then the model's head (``"shared"``) or an own head (``"separate"``)."""
+    """One norm per exit, then the model's head (``"shared"``) or an own head (``"separate"``,
+    each built by ``make_head(cfg, rngs=rngs)``)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    def __init__(self, cfg: ModelConfig, make_head, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
         self.norms = nnx.List(
             [
                 make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
@@ -60,21 +61,7 @@ class ExitHeads(nnx.Module):
         )
         self.heads = nnx.data(None)
         if cfg.exit_head == "separate":
-            self.heads = nnx.List(
-                [
-                    Einsum(
-                        "BTD,DV->BTV",
-                        (cfg.d_model, cfg.vocab_size),
-                        ("embed", "vocab"),
-                        std=cfg.init_std,
-                        param_dtype=pdt,
-                        dtype=dt,
-                        out_dtype=jnp.float32,
-                        rngs=rngs,
-                    )
-                    for _ in cfg.exit_layers
-                ]
-            )
+            self.heads = nnx.List([make_head(cfg, rngs=rngs) for _ in cfg.exit_layers])
 
 
 @struct.dataclass
@@ -98,12 +85,8 @@ def exit_logits(model, index: int, x_BTD):
     ``exit_layers[index]`` blocks; ``index == len(exit_layers)`` is the final head."""
     if index == len(model.config.exit_layers):
         return model.head(x_BTD)
-    h_BTD = model.exits.norms[index](x_BTD)
-    if model.exits.heads is None:
-        return model.logits(h_BTD)
-    logits_BTV = model.exits.heads[index](h_BTD)
-    cap = model.config.final_logit_softcap
-    return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
+    heads = model.exits.heads
+    return model.logits(model.exits.norms[index](x_BTD), None if heads is None else heads[index])
 
 
 def forward(model, tokens_BT) -> EarlyExitOutput:

@@ -124,21 +124,8 @@ class LM(nnx.Module):
         self.final_norm = make_norm(
             cfg.norm, cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs
         )
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Einsum(
-                "BTD,DV->BTV",
-                (cfg.d_model, cfg.vocab_size),
-                ("embed", "vocab"),
-                std=cfg.init_std,
-                param_dtype=pdt,
-                dtype=dt,
-                out_dtype=jnp.float32,
-                rngs=rngs,
-            )
-        )
-        self.exits = early_exit.ExitHeads(cfg, rngs=rngs) if cfg.exit_layers else None
+        self.lm_head = None if cfg.tie_embeddings else output_head(cfg, rngs=rngs)
+        self.exits = early_exit.ExitHeads(cfg, output_head, rngs=rngs) if cfg.exit_layers else None
 
     def __call__(self, tokens_BT):
         """Logits ``[B, T, V]``, or an ``LMOutput`` if some channel block reports aux losses,
@@ -216,11 +203,28 @@ class LM(nnx.Module):
         """Final norm and output head of the residual stream: float32 logits."""
         return self.logits(shard_as(self.final_norm(x_BTD), _INPUT))
 
-    def logits(self, x_BTD):
-        """Output head (tied or not), float32, soft-capped if ``final_logit_softcap`` is set."""
-        logits_BTV = self.embed.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
+    def logits(self, x_BTD, head=None):
+        """Output head (tied or not; ``head``, e.g. an exit's own, replaces it), float32,
+        soft-capped if ``final_logit_softcap`` is set."""
+        head = self.lm_head if head is None else head
+        logits_BTV = self.embed.attend(x_BTD) if head is None else head(x_BTD)
         cap = self.config.final_logit_softcap
         return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
+
+
+def output_head(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Einsum:
+    """An untied ``[D, V]`` output head with float32 logits (the LM's, or an exit's own)."""
+    pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    return Einsum(
+        "BTD,DV->BTV",
+        (cfg.d_model, cfg.vocab_size),
+        ("embed", "vocab"),
+        std=cfg.init_std,
+        param_dtype=pdt,
+        dtype=dt,
+        out_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def build(config: ModelConfig, *, seed: int = 0) -> LM:

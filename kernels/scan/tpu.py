@@ -166,18 +166,27 @@ def _specs(B, H, G, Tp, K, V, cfg: _Config, *, reverse: bool):
     )
 
 
-def _forward(q_BGTK, k_BGTK, v_BHTV, a_BHT, s0_BHKV, cfg: _Config, *, save_states: bool):
-    (B, G, Tp, K), (H, V) = q_BGTK.shape, v_BHTV.shape[1::2]
-    N = Tp // cfg.chunk_size
-    sp = _specs(B, H, G, Tp, K, V, cfg, reverse=False)
+def forward_outputs(sp: dict, dims: tuple, dtype, save_states: bool) -> tuple[list, list]:
+    """``out_shape`` and ``out_specs`` of a forward scan kernel (scalar or per-key decay):
+    ``o [B, H, T, V]``, the final state ``[B, H, K, V]`` and, to save for the backward, the
+    state entering each of the ``N`` chunks; ``dims = (B, H, N, T, K, V)``."""
+    B, H, N, T, K, V = dims
     out_shape = [
-        jax.ShapeDtypeStruct((B, H, Tp, V), v_BHTV.dtype),
+        jax.ShapeDtypeStruct((B, H, T, V), dtype),
         jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
     ]
     out_specs = [sp["head_V"], sp["state"]]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32))
         out_specs.append(sp["states"])
+    return out_shape, out_specs
+
+
+def _forward(q_BGTK, k_BGTK, v_BHTV, a_BHT, s0_BHKV, cfg: _Config, *, save_states: bool):
+    (B, G, Tp, K), (H, V) = q_BGTK.shape, v_BHTV.shape[1::2]
+    N = Tp // cfg.chunk_size
+    sp = _specs(B, H, G, Tp, K, V, cfg, reverse=False)
+    out_shape, out_specs = forward_outputs(sp, (B, H, N, Tp, K, V), v_BHTV.dtype, save_states)
     return pl.pallas_call(
         _fwd_kernel,
         grid=(B, H, N),

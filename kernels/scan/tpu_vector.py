@@ -185,14 +185,8 @@ def _forward(q_BGTK, k_BGTK, v_BHTV, a_BHTK, s0_BHKV, cfg: tpu._Config, *, save_
     Cp = cfg.chunk_size
     N = Tq // Cp
     sp = _specs(B, H, G, Tq, K, V, Cp, cfg.interpret, reverse=False)
-    out_shape = [
-        jax.ShapeDtypeStruct((B, H, Tq, V), v_BHTV.dtype),
-        jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
-    ]
-    out_specs = [sp["head_V"], sp["state"]]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32))
-        out_specs.append(sp["states"])
+    dims = (B, H, N, Tq, K, V)
+    out_shape, out_specs = tpu.forward_outputs(sp, dims, v_BHTV.dtype, save_states)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, sub=min(reference.SUB_CHUNK, Cp)),
         grid=(B, H, N),
