@@ -29,35 +29,27 @@ Prints markdown tables and writes ``curve.json`` and ``curve.png`` in the workdi
 
 from __future__ import annotations
 
-import io
 import json
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from etils import epath
+from absl import app
 from flax import nnx
 
 import models
-from experiments import checkpoint, trainer
+from experiments import checkpoint, plots, trainer, workdir_cli
 from experiments.configs import early_exit as curve_config
 from experiments.data import make_dataset
-
-FLAGS = flags.FLAGS
 
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 DRAFT_TOKENS = 4
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Training workdir (trained first if empty).")
-    flags.DEFINE_bool("smoke", False, "Tiny run (seconds).")
-    flags.mark_flag_as_required("workdir")
+define_flags = workdir_cli.define_flags
 
 
 def curve(model, batches, thresholds=THRESHOLDS) -> list[dict]:
@@ -205,11 +197,7 @@ def format_speculative(spec: list[dict], plain_tps: float) -> str:
 
 def plot_curve(rows: list[dict], path, *, num_layers: int) -> None:
     """PNG of validation perplexity against average depth, one point per threshold."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plots.figure()
     ax = fig.add_subplot()
     depth = [r["avg_depth"] for r in rows]
     ax.plot(depth, [r["perplexity"] for r in rows], "o-", markersize=4)
@@ -223,20 +211,10 @@ def plot_curve(rows: list[dict], path, *, num_layers: int) -> None:
     ax.set_title("early exit: quality vs depth (labels: confidence threshold)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    epath.Path(path).write_bytes(buffer.getvalue())
+    plots.save_png(fig, path)
 
 
-def main(argv):
-    del argv
-    try:
-        run(FLAGS.workdir, smoke=FLAGS.smoke)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"early_exit_curve: {e}", file=sys.stderr)
-        return 1
-    return 0
+main = workdir_cli.make_main("early_exit_curve", run)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,24 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def figure(width: float = 6.4, height: float = 4.0):
+    """A matplotlib ``Figure`` on its own Agg canvas (no display, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path) -> None:
+    """Lay out ``fig`` and write it as a PNG to ``path`` (local or ``epath``)."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    epath.Path(path).write_bytes(buffer.getvalue())
+
+
 def plot_loss_curve(records: Iterable[dict], path, *, title: str | None = None) -> None:
     """Write a PNG of train and eval loss against step.
 
@@ -27,12 +45,8 @@ def plot_loss_curve(records: Iterable[dict], path, *, title: str | None = None) 
       path: the PNG file to write.
       title: the figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     records = list(records)
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = figure()
     ax = fig.add_subplot()
     for split, style in (("train", "-"), ("eval", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r.get("split") == split]
@@ -46,7 +60,4 @@ def plot_loss_curve(records: Iterable[dict], path, *, title: str | None = None) 
         ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    epath.Path(path).write_bytes(buffer.getvalue())
+    save_png(fig, path)

@@ -18,21 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 from flax import nnx
 
 import models
-from experiments import checkpoint, trainer
+from experiments import checkpoint, trainer, workdir_cli
 from experiments.configs import quant_quality as quality_config
 from experiments.data import make_dataset
 from experiments.progress import Progress
-
-FLAGS = flags.FLAGS
 
 # (label, recipe); None is the unquantized model.
 RECIPES = [
@@ -47,10 +44,7 @@ RECIPES = [
 ]  # fmt: skip
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Training workdir (trained first if empty).")
-    flags.DEFINE_bool("smoke", False, "Tiny run (seconds).")
-    flags.mark_flag_as_required("workdir")
+define_flags = workdir_cli.define_flags
 
 
 def perplexity(model, batches) -> float:
@@ -143,14 +137,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    try:
-        run(FLAGS.workdir, smoke=FLAGS.smoke)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"quant_quality: {e}", file=sys.stderr)
-        return 1
-    return 0
+main = workdir_cli.make_main("quant_quality", run)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ accuracy against model dimension and against decode-state bytes (one line per fa
 
 from __future__ import annotations
 
-import io
 import json
 
 from etils import epath
+
+from experiments import plots
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -55,14 +56,11 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path) -> None:
     """PNG: a column per task; accuracy vs ``d_model`` (top) and vs state bytes (bottom, log x)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
     runs = results["runs"]
     tasks = _tasks(runs) or [(0, 0)]
-    fig = Figure(figsize=(4.8 * len(tasks), 7.2), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plots.figure(4.8 * len(tasks), 7.2)
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for col, (seq_len, pairs) in enumerate(tasks):
         top, bottom = axes[0][col], axes[1][col]
@@ -89,10 +87,7 @@ def plot(results: dict, path) -> None:
             ax.grid(True, alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    epath.Path(path).write_bytes(buffer.getvalue())
+    plots.save_png(fig, path)
 
 
 def write_all(results: dict, workdir) -> None:

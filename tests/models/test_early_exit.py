@@ -11,6 +11,7 @@ import pytest
 import models
 from models import early_exit
 from models.state import Segment
+from tests.helpers import sharpened_early_exit_model
 
 generate_mod = importlib.import_module("models.generate")  # the module, not the function
 
@@ -20,10 +21,7 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def model():
-    # A sharpened output head spreads confidences over [0, 1], so thresholds split the exits.
-    m = models.build(models.get_config("early-exit-tiny"), seed=0)
-    m.lm_head.kernel[...] *= 40
-    return m
+    return sharpened_early_exit_model()
 
 
 def _exit_head(m, j, h_BTD):

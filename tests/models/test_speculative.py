@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import models
+from tests.helpers import sharpened_early_exit_model
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11]]
 NEW = 11  # not a multiple of k + 1 for k = 1, 3, 4
@@ -16,10 +17,7 @@ PAD = 32
 
 @pytest.fixture(scope="module")
 def model():
-    # A sharpened head makes the exits agree with the final layer on some tokens, not all.
-    m = models.build(models.get_config("early-exit-tiny"), seed=0)
-    m.lm_head.kernel[...] *= 40
-    return m
+    return sharpened_early_exit_model()
 
 
 _forward = jax.jit(lambda m, tokens_BT: m(tokens_BT))
